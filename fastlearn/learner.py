@@ -1,0 +1,120 @@
+"""`TransferLearner`: a fastai `Learner` that knows the model's timm layer groups.
+
+It adds (never shadows) a few methods: `freeze_top`, `layer_lrs`, `fit_stage`, `find_lr`, `fit_preset`.
+fastai's own `lr_find`, `fit_one_cycle`, `freeze_to` stay as fastai wrote them: `fit_stage` calls
+fastai's `ParamScheduler` with our closed-form schedules (fastai's `combined_cos` rounds the phase
+boundary to float32; see tests/test_schedules.py).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from fastai.callback.progress import ProgressCallback
+from fastai.callback.schedule import ParamScheduler
+from fastai.data.core import DataLoaders
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
+from fastai.metrics import accuracy
+from fastai.vision.augment import Normalize
+
+from .lr_finder import LRFindResult, lr_find
+from .optim import GroupMap, opt_func as make_opt_func, split_decay
+from .progress import EpochProgress
+from .schedules import layer_lrs, one_cycle_scheds
+
+__all__ = ["TransferLearner", "transfer_learner", "ensure_normalized"]
+
+
+class TransferLearner(Learner):
+    "A fastai Learner over a timm model whose optimizer groups map onto the model's layer groups."
+
+    def __init__(self, dls, model, *, arch: str, group_map: GroupMap, weight_decay: float = 0.01, **kwargs):
+        super().__init__(dls, model, wd=np.array(group_map.wd(weight_decay)), **kwargs)
+        self.arch, self.group_map, self.weight_decay = arch, group_map, weight_decay
+        self.logger = lambda *a, **k: None  # EpochProgress prints; fastai's Recorder would print raw lists
+
+    @property
+    def n_layer_groups(self) -> int:
+        return self.group_map.n_layer_groups
+
+    def freeze_top(self, k: int) -> None:
+        """Train only the top `k` layer groups (k=1: the head; -1: all). BatchNorm layers in frozen
+        groups keep training (fastai `train_bn=True`): their affine weights and running statistics
+        adapt to the new data, everything else in a frozen group stays bitwise unchanged."""
+        n = self.n_layer_groups
+        k = n if k in (-1, None) else k
+        if not 1 <= k <= n:
+            raise ValueError(f"freeze_top: k must be -1 or in [1, {n}] (this model has {n} layer groups), got {k}")
+        self.freeze_to(self.group_map.first_group_of(n - k))
+
+    def layer_lrs(self, lr: float | slice | Sequence[float], decay: float | None = None) -> np.ndarray:
+        "Per optimizer group LRs from a float, a slice(lo, hi) geometric over the layer groups, or a list per layer group."
+        if isinstance(lr, (list, tuple, np.ndarray)):
+            per_layer = np.asarray(lr, dtype=float)
+            if len(per_layer) != self.n_layer_groups:
+                raise ValueError(f"got {len(per_layer)} LRs for {self.n_layer_groups} layer groups")
+        else:
+            per_layer = layer_lrs(self.n_layer_groups, lr, decay)
+        return per_layer[self.group_map.layer_index()]
+
+    def fit_stage(self, epochs: int, lr: float | slice, div: float = 25.0, final_div: float = 1e5,
+                  pct_start: float = 0.25, moms: Sequence[float] = (0.95, 0.85), cbs=None, **kw) -> None:
+        "One one-cycle over `epochs` with discriminative LRs; momentum/beta1 moves inversely."
+        scheds = one_cycle_scheds(self.layer_lrs(lr), div, final_div, pct_start, moms)
+        self.fit(epochs, cbs=[ParamScheduler(scheds)] + list(cbs or []), **kw)
+
+    def find_lr(self, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 100,
+                plot: str | Path | None = None) -> LRFindResult:
+        "LR range test on the currently trainable groups; the learner is restored exactly afterwards."
+        return lr_find(self, start_lr, end_lr, num_it, plot=plot)
+
+    def fit_preset(self, recipe="transfer", run_dir: str | Path | None = None, **overrides):
+        "Run a named recipe (or a `Recipe`) on this learner: lr_find, head, gradual unfreezing; returns a `RunResult`."
+        from .training import run_recipe
+        return run_recipe(self, recipe, run_dir=run_dir, overrides=overrides)
+
+
+def ensure_normalized(dls: DataLoaders, mean, std) -> DataLoaders:
+    "Append `Normalize(mean, std)` to the batch transforms unless the DataLoaders already normalise."
+    if not any(isinstance(t, Normalize) for t in dls.after_batch.fs):
+        dls.add_tfms([Normalize.from_stats(mean, std)], "after_batch")
+    return dls
+
+
+def transfer_learner(dls: DataLoaders, arch: str = "tf_efficientnet_lite0", pretrained: bool = True,
+                     n_out: int | None = None, opt: str = "adamw", lookahead: bool = False, wd: float = 0.01,
+                     wd_norm_bias: bool = False, label_smoothing: float = 0.0, drop_rate: float | None = None,
+                     drop_path: float | None = None, metrics=accuracy, loss_func=None, cbs=None,
+                     progress: bool = True, path: str | Path | None = None, model=None) -> TransferLearner:
+    """A `TransferLearner` for timm architecture `arch` with a new head for the data's classes.
+
+    The body starts frozen (head trainable), inputs are normalised as the weights were pretrained, and
+    weight decay skips norm and bias parameters unless `wd_norm_bias`.
+    """
+    from .layer_groups import layer_groups
+    from .models import check_head, create_model, model_stats
+    n_classes = getattr(dls, "c", None)
+    if model is None:
+        model = create_model(arch, n_out or n_classes, pretrained=pretrained, drop_rate=drop_rate,
+                             drop_path_rate=drop_path)
+    if n_classes is not None:
+        check_head(model, n_classes)
+    mean, std = model_stats(arch, pretrained=pretrained)
+    ensure_normalized(dls, mean, std)
+    groups, gmap = split_decay(model, layer_groups(model), decay_norm_bias=wd_norm_bias)
+    if loss_func is None:
+        loss_func = LabelSmoothingCrossEntropyFlat(eps=label_smoothing) if label_smoothing else CrossEntropyLossFlat()
+    device = getattr(dls, "device", None) or torch.device("cpu")
+    learn = TransferLearner(dls, model, arch=arch, group_map=gmap, weight_decay=wd, loss_func=loss_func,
+                            opt_func=make_opt_func(opt, lookahead=lookahead, device=torch.device(device)),
+                            splitter=lambda m: groups, metrics=metrics, cbs=cbs, path=path,
+                            wd_bn_bias=True, train_bn=True)  # wd on norm/bias is handled by the groups
+    if ProgressCallback in [type(c) for c in learn.cbs]:
+        learn.remove_cb(ProgressCallback)
+    if progress:
+        learn.add_cb(EpochProgress())
+    learn.freeze_top(1)
+    return learn

@@ -1,0 +1,226 @@
+"""LR range test: an exponential LR sweep that stops at divergence, suggests a peak LR and a start LR,
+and leaves the learner exactly as it found it.
+
+fastai's `Learner.lr_find` round-trips the model through a file in `model_dir` and leaves the RNG,
+the data order and the recorder changed (and fails once training has started, fastai #3658). Ours
+snapshots in memory: weights, BatchNorm statistics, optimizer state and hyper-parameters, RNG states,
+the training DataLoader's shuffle RNG and the recorder history, and restores them bitwise.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastai.callback.core import Callback, CancelFitException, CancelValidException
+
+__all__ = ["lr_find", "LRFindResult", "suggest_lrs", "LRSweep", "learner_snapshot"]
+
+
+@dataclass
+class LRFindResult:
+    "What the range test measured and suggests."
+    peak: float                 # one-cycle lr_max: end of the steepest useful descent, before blow-up
+    start: float                # where the loss first clearly improves
+    lrs: list[float] = field(repr=False)
+    losses: list[float] = field(repr=False)   # smoothed (debiased EMA) training loss per step
+    lr_min_loss: float = float("nan")         # LR at the lowest smoothed loss
+    diverged: bool = False                    # the sweep stopped because the loss blew up
+    plot: Path | None = None
+
+    def __iter__(self):  # `peak, start = learn.find_lr()`
+        return iter((self.peak, self.start))
+
+
+def _slopes(x: np.ndarray, y: np.ndarray, w: int) -> np.ndarray:
+    "Least-squares slope of y on x over a centred window of 2w+1 points (robust to step noise)."
+    out = np.full(len(x), np.nan)
+    for i in range(len(x)):
+        a, b = max(0, i - w), min(len(x), i + w + 1)
+        if b - a >= 3:
+            out[i] = np.polyfit(x[a:b], y[a:b], 1)[0]
+    return out
+
+
+def suggest_lrs(lrs, losses, improve: float = 0.02) -> tuple[float, float, float, bool]:
+    """Suggested (peak, start, lr_at_min, diverged) from a range test's smoothed losses.
+
+    The curve is cut where the loss becomes non-finite or exceeds 4x its minimum. peak: the end of the
+    steepest descent (where the windowed slope of log-loss vs log-LR is still at least half the
+    steepest), never above lr_at_min / 3 so it stays clear of blow-up. start: the first LR whose loss is
+    `improve` (relative) below the initial plateau. Pure, so it is tested on synthetic noisy curves.
+    """
+    lrs, losses = np.asarray(lrs, float), np.asarray(losses, float)
+    if len(lrs) != len(losses) or len(lrs) < 6:
+        raise ValueError(f"need at least 6 (lr, loss) points of equal length, got {len(lrs)} and {len(losses)}")
+    finite = np.isfinite(losses) & (losses > 0)
+    cut = int(np.argmin(finite)) if not finite.all() else len(losses)
+    run_min = np.minimum.accumulate(np.where(finite, losses, np.inf))
+    blown = np.nonzero(losses[:cut] > 4 * run_min[:cut])[0]
+    diverged = cut < len(losses) or len(blown) > 0
+    if len(blown):
+        cut = int(blown[0])
+    if cut < 6:
+        raise ValueError("the loss diverged within the first 5 steps of the sweep; lower start_lr")
+    x, y = np.log10(lrs[:cut]), np.log(losses[:cut])
+    i_min = int(np.argmin(y))
+    lr_at_min = float(lrs[i_min])
+    slope = _slopes(x, y, w=max(2, cut // 20))
+    region = slope[: i_min + 1]
+    if i_min < 3 or not np.isfinite(region).any() or np.nanmin(region) >= 0:
+        peak = lr_at_min / 10  # no descent seen: an order of magnitude below the minimum (Smith)
+    else:
+        i_steep = int(np.nanargmin(region))
+        j = i_steep
+        while j + 1 <= i_min and region[j + 1] <= 0.5 * region[i_steep]:
+            j += 1
+        peak = float(min(lrs[j], lr_at_min / 3))
+    head = y[: max(3, cut // 20)]
+    level = float(np.median(head))
+    below = np.nonzero(y < level + math.log(1 - improve))[0]
+    start = float(lrs[below[0]]) if len(below) else peak / 10
+    return peak, min(start, peak), lr_at_min, diverged
+
+
+class LRSweep(Callback):
+    "Sets an exponentially growing LR each step, records the smoothed loss, stops at divergence."
+    order = 60  # after Recorder (50), so `smooth_loss` is this step's
+
+    def __init__(self, start_lr: float, end_lr: float, num_it: int, stop_div: bool = True, ratios=None):
+        self.start_lr, self.end_lr, self.num_it, self.stop_div = start_lr, end_lr, num_it, stop_div
+        self.ratios = None if ratios is None else np.asarray(ratios, float) / np.max(ratios)
+
+    def before_fit(self):
+        self.lrs, self.losses, self.best = [], [], math.inf
+
+    def _lr(self, i: int) -> float:
+        return self.start_lr * (self.end_lr / self.start_lr) ** (i / max(1, self.num_it - 1))
+
+    def before_batch(self):
+        if not self.training:
+            return
+        lr = self._lr(len(self.lrs))
+        self.opt.set_hyper("lr", lr if self.ratios is None else self.ratios * lr)
+
+    def after_batch(self):
+        if not self.training:
+            return
+        loss = float(self.learn.smooth_loss)
+        self.lrs.append(self._lr(len(self.lrs)))
+        self.losses.append(loss)
+        self.best = min(self.best, loss)
+        if self.stop_div and (not math.isfinite(loss) or loss > 4 * self.best):
+            raise CancelFitException()
+        if len(self.lrs) >= self.num_it:
+            raise CancelFitException()
+
+    def before_validate(self):
+        raise CancelValidException()
+
+
+class learner_snapshot:
+    """Context manager that restores a Learner bitwise on exit: weights and buffers, optimizer
+    state and hyper-parameters, RNG states, DataLoader shuffle RNGs and recorder history."""
+
+    _recorder_attrs = ("lrs", "iters", "losses", "values")
+    _learner_attrs = ("epoch", "n_epoch", "train_iter", "pct_train", "loss", "smooth_loss", "training")
+
+    def __init__(self, learn):
+        self.learn = learn
+
+    def __enter__(self):
+        L = self.learn
+        self.model = copy.deepcopy(L.model.state_dict())
+        self.training = L.model.training
+        self.opt = None if L.opt is None else copy.deepcopy(L.opt.state_dict())
+        self.rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+                    torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+        self.dl_rng = [copy.deepcopy(getattr(dl, "rng", None)) for dl in L.dls.loaders]
+        rec = getattr(L, "recorder", None)
+        self.rec = {a: copy.deepcopy(getattr(rec, a)) for a in self._recorder_attrs if hasattr(rec, a)}
+        self.attrs = {a: getattr(L, a) for a in self._learner_attrs if hasattr(L, a)}
+        return self
+
+    def __exit__(self, *exc):
+        L = self.learn
+        L.model.load_state_dict(self.model)
+        L.model.train(self.training)
+        if self.opt is None:
+            L.opt = None
+        else:
+            L.opt.zero_grad()
+            L.opt.load_state_dict(self.opt)
+        random.setstate(self.rng[0]); np.random.set_state(self.rng[1]); torch.set_rng_state(self.rng[2])
+        if self.rng[3] is not None:
+            torch.cuda.set_rng_state_all(self.rng[3])
+        for dl, r in zip(L.dls.loaders, self.dl_rng):
+            if r is not None:
+                dl.rng = r
+        rec = getattr(L, "recorder", None)
+        for a, v in self.rec.items():
+            setattr(rec, a, v)
+        for a, v in self.attrs.items():
+            setattr(L, a, v)
+        return False
+
+
+def lr_find(learn, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 100,
+            stop_div: bool = True, plot: str | Path | None = None, ratios=None) -> LRFindResult:
+    """Run the LR range test on `learn` (frozen or not, before or during training) and restore it.
+
+    Every trainable group sweeps start_lr..end_lr, or, with per-group `ratios`, the largest one does and
+    the others keep their ratio to it (discriminative LRs).
+    Returns the suggestions; `plot` saves a PNG of loss vs LR with both marks.
+    """
+    for v, n in ((start_lr, "start_lr"), (end_lr, "end_lr")):
+        if not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"{n} must be a positive finite LR, got {v!r}")
+    if end_lr <= start_lr:
+        raise ValueError(f"end_lr ({end_lr}) must be larger than start_lr ({start_lr})")
+    if num_it < 6:
+        raise ValueError(f"num_it must be >= 6 steps, got {num_it}")
+    sweep = LRSweep(start_lr, end_lr, num_it, stop_div, ratios)
+    quiet = [cb for cb in learn.cbs if getattr(cb, "quiet_in_lr_find", False)]
+    n_epoch = math.ceil(num_it / max(1, len(learn.dls.train)))
+    with learner_snapshot(learn), learn.removed_cbs(quiet):
+        if learn.opt is None:
+            learn.create_opt()
+        learn.fit(n_epoch, cbs=[sweep])
+    if len(sweep.losses) < 6:
+        raise ValueError(f"the LR sweep ran only {len(sweep.losses)} steps; it needs >= 6 "
+                         f"(more training batches, or a lower start_lr if the loss blew up at once)")
+    peak, start, at_min, diverged = suggest_lrs(sweep.lrs, sweep.losses)
+    res = LRFindResult(peak, start, sweep.lrs, sweep.losses, at_min, diverged)
+    if plot is not None:
+        res.plot = plot_lr_find(res, plot)
+    return res
+
+
+def plot_lr_find(res: LRFindResult, path: str | Path) -> Path:
+    "Save loss vs LR (log scale) with the peak and start suggestions marked."
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(res.lrs, res.losses, color="C0", label="smoothed training loss")
+    for lr, name, c in ((res.peak, "peak", "C3"), (res.start, "start", "C2")):
+        y = float(np.interp(math.log10(lr), np.log10(res.lrs), res.losses))
+        ax.plot([lr], [y], "o", color=c, label=f"{name} = {lr:.2e}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (log)")
+    ax.set_ylabel("loss")
+    finite = [v for v in res.losses if math.isfinite(v)]
+    if finite:
+        ax.set_ylim(min(finite) * 0.9, min(max(finite), 4 * min(finite)) * 1.1)
+    ax.legend()
+    ax.set_title("LR range test")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

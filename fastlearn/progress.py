@@ -1,0 +1,97 @@
+"""Progress: a rich live bar on a terminal, one plain line per epoch elsewhere (CI logs, files).
+
+fastai's `ProgressCallback` (fastprogress) redraws its bar into non-terminal logs many times per
+epoch; the learners fastlearn builds drop it for `EpochProgress`, which never redraws into a file.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import IO, Sequence
+
+from fastai.callback.core import Callback
+
+__all__ = ["EpochProgress", "summary_table", "is_terminal", "console"]
+
+
+def is_terminal(stream: IO | None = None) -> bool:
+    stream = stream or sys.stdout
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
+def console():
+    "The shared rich console (plain text, no colour codes, when output is not a terminal)."
+    from rich.console import Console
+    return Console(highlight=False, soft_wrap=True) if is_terminal() else \
+        Console(highlight=False, soft_wrap=True, force_terminal=False, color_system=None, width=200)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+    return str(v)
+
+
+class EpochProgress(Callback):
+    "Live batch progress (terminal only) and one line per finished epoch (always)."
+    order = 65            # after Recorder (50) has appended the epoch's values
+    quiet_in_lr_find = True
+
+    def __init__(self, live: bool | None = None, stream: IO | None = None):
+        self.stream = stream
+        self.live = is_terminal(stream) if live is None else live
+        self.stage = ""
+
+    def before_fit(self):
+        self.t_fit = time.perf_counter()
+        self._progress = None
+        if self.live:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                      TextColumn("{task.completed}/{task.total}"),
+                                      TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(),
+                                      transient=True)
+            self._progress.start()
+
+    def before_epoch(self):
+        if self._progress is not None:
+            self._task = self._progress.add_task(f"{self.stage} epoch {self.epoch + 1}/{self.n_epoch}",
+                                                 total=len(self.dls.train), loss="-")
+
+    def after_batch(self):
+        if self._progress is not None and self.training:
+            self._progress.update(self._task, advance=1, loss=f"{float(self.learn.smooth_loss):.4f}")
+
+    def after_epoch(self):
+        if self._progress is not None:
+            self._progress.remove_task(self._task)
+        rec = self.learn.recorder
+        names = list(rec.metric_names)[1:]
+        vals = list(rec.log)[1:]
+        parts = [f"{n} {_fmt(v)}" for n, v in zip(names, vals) if n != "time"]
+        stage = f"[{self.stage}] " if self.stage else ""
+        line = f"{stage}epoch {self.epoch + 1}/{self.n_epoch} " + " ".join(parts) + \
+            f" time {time.perf_counter() - self.t_fit:.1f}s"
+        print(line, file=self.stream or sys.stdout, flush=True)
+
+    def after_fit(self):
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def summary_table(rows: Sequence[dict], title: str = "fastlearn run") -> str:
+    "Render rows (dicts with the same keys) as a rich table; returns the text it printed."
+    from rich.table import Table
+    t = Table(title=title)
+    keys = list(rows[0]) if rows else []
+    for k in keys:
+        t.add_column(k, justify="right" if rows and isinstance(rows[0][k], (int, float)) else "left")
+    for r in rows:
+        t.add_row(*[_fmt(r[k]) for k in keys])
+    c = console()
+    with c.capture() as cap:
+        c.print(t)
+    text = cap.get()
+    print(text, end="", flush=True)
+    return text

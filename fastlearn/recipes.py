@@ -1,0 +1,319 @@
+"""Recipes: named presets as TOML files in `recipes/`, validated into a frozen `Recipe` before any compute.
+
+A recipe file may `extends = "other"` to inherit every key it does not set; code and the command line
+override keys last (`key=value`). Unknown keys, wrong types and out-of-range values raise `RecipeError`
+naming the key, the value and the valid choices. The resolved recipe is written into each run folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import sys
+import tomllib
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import RecipeError
+
+__all__ = ["Recipe", "load_recipe", "list_recipes", "recipe_dirs", "parse_overrides"]
+
+Strategy = Literal["linear_probe", "fine_tune_top", "full", "auto", "scratch"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Opt = Literal["adamw", "adam", "sgd", "sgd_nesterov", "rmsprop"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    "Everything a run needs, in one validated, immutable place (units beside each key)."
+    name: str = "custom"
+    description: str = ""
+    source: str = ""                    # where the numbers come from (paper, config, our bench)
+    expected: str = ""                  # the result this recipe is expected to reach, and on what
+    # -- model and data
+    arch: str = "tf_efficientnet_lite0"  # any timm name
+    pretrained: bool = True
+    size: int = 224                     # final training resolution, px
+    valid_size: int | None = None       # evaluation resolution, px (None = size)
+    bs: int = 64                        # per-device batch size
+    valid_pct: float = 0.2              # used when the folder has no valid/ split
+    seed: int = 42
+    augment: bool = True                # fastai aug_transforms on the batch
+    flip: bool = True                   # horizontal flips (off for digits/text-like data)
+    random_erasing: float = 0.0         # probability
+    bad_images: Literal["error", "skip"] = "error"
+    # -- schedule: lr_find -> head one-cycle -> gradual unfreezing with discriminative LRs
+    strategy: Strategy = "full"
+    lr: float | None = None             # peak LR of the head stage; None = from lr_find
+    lr_find: bool = True
+    lr_ratio: float = 100.0             # head LR / first-group LR, geometric in between
+    head_epochs: int = 1
+    unfreeze_epochs: int = 1            # per intermediate unfreezing stage
+    epochs: int = 2                     # last stage (everything up to unfreeze_to trainable)
+    unfreeze_step: int = 2              # groups added per stage, from the top
+    unfreeze_to: int = -1               # top groups trainable at the end; -1 = all
+    stage_lr_mult: float = 0.5          # peak LR multiplier per deeper stage
+    div: float = 25.0                   # one-cycle start LR = lr / div
+    final_div: float = 1e5              # one-cycle end LR = lr / final_div
+    pct_start: float = 0.25             # fraction of steps rising to the peak
+    moms: tuple[float, float] = (0.95, 0.85)  # momentum / Adam beta1: high at the ends, low at the peak
+    # -- optimizer and regularisation
+    opt: Opt = "adamw"
+    lookahead: bool = False
+    wd: float = 0.01
+    wd_norm_bias: bool = False          # decay norm and bias parameters too
+    label_smoothing: float = 0.0
+    mixup: float = 0.0                  # Beta(alpha, alpha); 0 = off
+    cutmix: float = 0.0                 # Beta(alpha, alpha); 0 = off
+    drop_rate: float | None = None      # classifier dropout (None = model default)
+    drop_path: float | None = None      # stochastic depth (None = model default)
+    grad_clip: float | None = None      # max global grad norm, on unscaled gradients
+    grad_accum: int = 1                 # micro-batches per optimizer step
+    ema: bool = False                   # timm ModelEmaV3 of the weights, evaluated at the end
+    ema_decay: float = 0.9998
+    early_stop: int | None = None       # patience in epochs on valid loss; restores the best weights
+    lr_ref_bs: int | None = None        # scale lr by global_bs / lr_ref_bs (None = no scaling)
+    lr_scale_rule: Literal["linear", "sqrt"] = "linear"
+    # -- progressive resizing
+    resize_start: int | None = None     # first training resolution, px (None = off)
+    resize_ramp: tuple[float, float] = (0.0, 0.75)  # ramp from start to final size over these fractions
+    resize_multiple: int = 32
+    # -- speed and scale
+    precision: Precision = "auto"       # auto: bf16 where supported, fp16 elsewhere on CUDA, fp32 on CPU
+    channels_last: bool | None = None   # None = on for conv nets on CUDA
+    compile: bool = False               # torch.compile after the last unfreeze
+    sync_bn: bool = False               # SyncBatchNorm when distributed
+    # -- run bookkeeping
+    checkpoint_every: int = 1           # epochs between checkpoints (0 = only at the end)
+    keep_last: int = 2                  # checkpoints kept besides the best
+
+    def __post_init__(self):
+        _validate(self)
+
+    def replace(self, **overrides) -> "Recipe":
+        "A new recipe with `overrides` applied and validated."
+        return from_dict({**self.to_dict(), **overrides}, origin="overrides")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        "The resolved recipe as TOML (written into each run folder)."
+        lines = []
+        for k, v in self.to_dict().items():
+            if v is None:
+                lines.append(f"# {k} = (unset)")
+            else:
+                lines.append(f"{k} = {_toml_value(v)}")
+        return "\n".join(lines) + "\n"
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.to_toml())
+        return path
+
+
+# -- validation -------------------------------------------------------------------------------
+
+_RANGES: dict[str, tuple[float | None, float | None, str]] = {
+    # key: (low, high, kind) kind: "open" (low < v < high), "closed" (low <= v <= high), "low" (v > low), "ge"
+    "size": (16, None, "ge"), "valid_size": (16, None, "ge"), "bs": (1, None, "ge"),
+    "valid_pct": (0, 1, "open"), "random_erasing": (0, 1, "closed"),
+    "lr": (0, None, "low"), "lr_ratio": (1, None, "ge"), "head_epochs": (0, None, "ge"),
+    "unfreeze_epochs": (0, None, "ge"), "epochs": (0, None, "ge"), "unfreeze_step": (1, None, "ge"),
+    "stage_lr_mult": (0, 1, "left_open"), "div": (1, None, "ge"), "final_div": (1, None, "ge"),
+    "pct_start": (0, 1, "open"), "wd": (0, None, "ge"), "label_smoothing": (0, 1, "right_open"),
+    "mixup": (0, None, "ge"), "cutmix": (0, None, "ge"), "drop_rate": (0, 1, "right_open"),
+    "drop_path": (0, 1, "right_open"), "grad_clip": (0, None, "low"), "grad_accum": (1, None, "ge"),
+    "ema_decay": (0, 1, "open"), "early_stop": (1, None, "ge"), "lr_ref_bs": (1, None, "ge"),
+    "resize_start": (16, None, "ge"), "resize_multiple": (1, None, "ge"),
+    "checkpoint_every": (0, None, "ge"), "keep_last": (1, None, "ge"),
+}
+
+
+def _in_range(v: float, lo, hi, kind: str) -> bool:
+    return {"open": lambda: lo < v < hi, "closed": lambda: lo <= v <= hi, "low": lambda: v > lo,
+            "ge": lambda: v >= lo, "left_open": lambda: lo < v <= hi,
+            "right_open": lambda: lo <= v < hi}[kind]()
+
+
+def _range_text(lo, hi, kind: str) -> str:
+    return {"open": f"in ({lo}, {hi})", "closed": f"in [{lo}, {hi}]", "low": f"> {lo}",
+            "ge": f">= {lo}", "left_open": f"in ({lo}, {hi}]", "right_open": f"in [{lo}, {hi})"}[kind]
+
+
+def _type_ok(v: Any, tp: Any) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if origin is Literal:
+        return v in args
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_type_ok(v, a) for a in args)
+    if tp is type(None):
+        return v is None
+    if origin is tuple:
+        return isinstance(v, tuple) and len(v) == len(args) and all(_type_ok(x, a) for x, a in zip(v, args))
+    if tp is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if tp is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, tp)
+
+
+def _type_text(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if args:
+        return " or ".join(_type_text(a) for a in args) if origin is not tuple else \
+            f"a list of {len(args)} numbers"
+    return {type(None): "unset", float: "a number", int: "an integer", bool: "true/false",
+            str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+_HINTS = typing.get_type_hints(Recipe)
+
+
+def _validate(r: Recipe) -> None:
+    for f in fields(r):
+        v, tp = getattr(r, f.name), _HINTS[f.name]
+        if not _type_ok(v, tp):
+            raise RecipeError(f"recipe {r.name!r}: key {f.name!r} = {v!r} has the wrong type; "
+                              f"expected {_type_text(tp)}")
+        if f.name in _RANGES and v is not None:
+            lo, hi, kind = _RANGES[f.name]
+            if not _in_range(v, lo, hi, kind):
+                raise RecipeError(f"recipe {r.name!r}: key {f.name!r} = {v!r} is out of range; "
+                                  f"it must be {_range_text(lo, hi, kind)}")
+    lo, hi = r.moms
+    if not (0 <= lo <= 1 and 0 <= hi <= 1):
+        raise RecipeError(f"recipe {r.name!r}: key 'moms' = {r.moms!r} must be two values in [0, 1]")
+    a, b = r.resize_ramp
+    if not 0 <= a < b <= 1:
+        raise RecipeError(f"recipe {r.name!r}: key 'resize_ramp' = {r.resize_ramp!r} must be two "
+                          f"fractions 0 <= start < end <= 1")
+    if r.resize_start is not None and r.resize_start > r.size:
+        raise RecipeError(f"recipe {r.name!r}: final size 'size' = {r.size} is smaller than "
+                          f"'resize_start' = {r.resize_start}; progressive resizing grows the images")
+    if r.unfreeze_to == 0 or r.unfreeze_to < -1:
+        raise RecipeError(f"recipe {r.name!r}: key 'unfreeze_to' = {r.unfreeze_to} must be -1 (all groups) "
+                          f"or the number of top groups (>= 1) trainable at the end")
+    if r.mixup and r.cutmix:
+        raise RecipeError(f"recipe {r.name!r}: 'mixup' and 'cutmix' are both on; choose one")
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+_KEYS = [f.name for f in fields(Recipe)]
+
+
+def from_dict(d: dict, origin: str = "dict") -> Recipe:
+    "Validate a plain dict (TOML types) into a `Recipe`."
+    unknown = [k for k in d if k not in _KEYS]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(k, _KEYS, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise RecipeError(f"{origin}: unknown recipe key {k!r}{hint} Valid keys: {', '.join(_KEYS)}")
+    return Recipe(**{k: _coerce(k, v) for k, v in d.items()})
+
+
+def _coerce(key: str, v: Any) -> Any:
+    "TOML to Python: lists to tuples, 'none' to None for optional keys, ints to floats for float keys."
+    args = typing.get_args(_HINTS[key]) or (_HINTS[key],)
+    if isinstance(v, list):
+        return tuple(v)
+    if isinstance(v, str) and v.lower() == "none" and type(None) in args:
+        return None
+    if isinstance(v, int) and not isinstance(v, bool) and float in args and int not in args:
+        return float(v)
+    return v
+
+
+def recipe_dirs() -> list[Path]:
+    "Where named recipes are looked up: $FASTLEARN_RECIPES, the repo's recipes/, the installed share dir."
+    dirs = [Path(p) for p in os.environ.get("FASTLEARN_RECIPES", "").split(os.pathsep) if p]
+    dirs += [Path(__file__).resolve().parent.parent / "recipes", Path(sys.prefix) / "share/fastlearn/recipes"]
+    return [d for d in dirs if d.is_dir()]
+
+
+def list_recipes() -> dict[str, Path]:
+    "Named recipes found on `recipe_dirs()` (first one wins)."
+    found: dict[str, Path] = {}
+    for d in recipe_dirs():
+        for p in sorted(d.glob("*.toml")):
+            found.setdefault(p.stem, p)
+    return found
+
+
+def _read(name_or_path: str | Path, seen: tuple = ()) -> dict:
+    p = Path(name_or_path)
+    if not (p.suffix == ".toml" and p.exists()):
+        known = list_recipes()
+        if str(name_or_path) not in known:
+            close = difflib.get_close_matches(str(name_or_path), list(known), n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise RecipeError(f"unknown recipe {str(name_or_path)!r}.{hint} Known recipes: "
+                              f"{', '.join(sorted(known)) or '(none found)'}; or pass a path to a .toml file")
+        p = known[str(name_or_path)]
+    if p.stem in seen:
+        raise RecipeError(f"recipe {p.stem!r} extends itself through {' -> '.join(seen)}")
+    try:
+        d = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"recipe file {p} is not valid TOML: {e}") from None
+    parent = d.pop("extends", None)
+    d.setdefault("name", p.stem)
+    if parent is None:
+        return d
+    base = _read(parent if not str(parent).endswith(".toml") else p.parent / parent, seen + (p.stem,))
+    for k in ("description", "source", "expected"):  # prose belongs to the file that writes it
+        if k not in d:
+            base.pop(k, None)
+    return {**base, **d}
+
+
+def load_recipe(name_or_path: str | Path | Recipe = "transfer", overrides: dict | list[str] | None = None) -> Recipe:
+    "Load a named recipe (or a .toml path), apply `overrides` (dict or 'key=value' strings), validate."
+    if isinstance(name_or_path, Recipe):
+        d = name_or_path.to_dict()
+    else:
+        d = _read(name_or_path)
+    if isinstance(overrides, (list, tuple)):
+        overrides = parse_overrides(overrides)
+    origin = f"recipe {d.get('name', name_or_path)!r}"
+    if overrides:
+        bad = [k for k in overrides if k not in _KEYS]
+        if bad:
+            from_dict(overrides, origin="override")  # raises with the hint
+        d = {**d, **overrides}
+    return from_dict(d, origin=origin)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    "'key=value' strings to a dict; values are parsed as TOML (numbers, true/false, lists) else strings."
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} is not of the form key=value")
+        k, v = item.split("=", 1)
+        k = k.strip().replace("-", "_")
+        try:
+            out[k] = tomllib.loads(f"v = {v.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[k] = v.strip()
+    return out
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, str):
+        return json.dumps(v)
+    return repr(v)

@@ -1,0 +1,226 @@
+"""Running a recipe: lr_find -> head one-cycle -> gradual unfreezing with discriminative LRs, into a run folder.
+
+The run folder holds the resolved recipe (`recipe.toml`), per-epoch metrics (`metrics.csv`), the
+per-step hyper-parameter trace (`trace.csv`), plots (`lr_find.png`, `loss.png`, `schedule.png`),
+the final weights (`model.safetensors`) and a summary (`summary.json`).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+from fastai.callback.core import Callback
+
+from .recipes import Recipe, load_recipe
+from .schedules import UnfreezeStage, unfreeze_plan
+
+__all__ = ["run_recipe", "learner_from_recipe", "RunResult", "HyperTrace", "MetricsLog", "new_run_dir", "stage_plan"]
+
+
+@dataclass
+class RunResult:
+    "What a run did and reached."
+    run_dir: Path
+    recipe: Recipe = field(repr=False)
+    strategy: str
+    accuracy: float
+    valid_loss: float
+    seconds: float
+    peak_lr: float
+    stages: list[dict] = field(default_factory=list)
+    why: str = ""                       # why `auto` chose this strategy
+
+
+class HyperTrace(Callback):
+    "Records every optimizer group's LR and momentum/beta1 at each training step (what the optimizer used)."
+    order = 70
+
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.stage = ""
+
+    def after_batch(self):
+        if not self.training or len(self.yb) == 0:
+            return
+        hs = self.opt.hypers
+        self.rows.append({"step": len(self.rows), "stage": self.stage,
+                          "lr": [float(h["lr"]) for h in hs], "mom": [float(h["mom"]) for h in hs if "mom" in h],
+                          "loss": float(self.learn.loss)})
+
+
+class MetricsLog(Callback):
+    "Appends one row per epoch (stage, epoch, train/valid loss, metrics, seconds) to a CSV file."
+    order = 66
+
+    def __init__(self, path: Path):
+        self.path, self.rows, self.stage = Path(path), [], ""
+
+    def before_epoch(self):
+        self._t = time.perf_counter()
+
+    def after_epoch(self):
+        rec = self.learn.recorder
+        names = [n for n in list(rec.metric_names)[1:] if n != "time"]
+        row = {"stage": self.stage, "epoch": len(self.rows) + 1}
+        row.update({n: float(v) for n, v in zip(names, list(rec.log)[1:])})
+        row["seconds"] = round(time.perf_counter() - self._t, 3)
+        self.rows.append(row)
+        keys = list(dict.fromkeys(k for r in self.rows for k in r))
+        with open(self.path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(self.rows)
+
+
+def new_run_dir(root: str | Path = "runs", name: str = "run") -> Path:
+    "A fresh run folder `root/name-YYYYmmdd-HHMMSS[-k]`; never reuses (so never overwrites) an existing one."
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    base = f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+    for k in range(1000):
+        p = root / (base if k == 0 else f"{base}-{k}")
+        try:
+            p.mkdir()
+            return p
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a new run folder under {root}")
+
+
+def stage_plan(recipe: Recipe, n_groups: int, strategy: str) -> list[UnfreezeStage]:
+    "The unfreezing stages a strategy runs (the 2x2 table made concrete)."
+    r = recipe
+    if strategy == "linear_probe":    # small data, similar to ImageNet: a classifier on frozen features
+        return unfreeze_plan(n_groups, r.head_epochs, 0, r.epochs, unfreeze_to=1)
+    if strategy == "fine_tune_top":   # large data, similar: the later groups only
+        top = r.unfreeze_to if r.unfreeze_to != -1 else max(2, (n_groups + 1) // 2)
+        return unfreeze_plan(n_groups, r.head_epochs, r.unfreeze_epochs, r.epochs, r.unfreeze_step, top,
+                             r.stage_lr_mult)
+    if strategy == "full":            # different data: gradually everything, discriminative LRs
+        return unfreeze_plan(n_groups, r.head_epochs, r.unfreeze_epochs, r.epochs, r.unfreeze_step,
+                             r.unfreeze_to, r.stage_lr_mult)
+    if strategy == "scratch":         # no pretrained weights: one one-cycle over everything
+        return [UnfreezeStage(n_groups, r.epochs, 1.0)]
+    raise ValueError(f"unknown strategy {strategy!r}")
+
+
+def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, overrides: dict | None = None,
+               runs_root: str | Path = "runs") -> RunResult:
+    """Run `recipe` on `learn`: choose the strategy, find the LR, train each unfreezing stage as a
+    one-cycle with discriminative LRs, and write everything into a run folder."""
+    from .callbacks import recipe_callbacks
+    r = load_recipe(recipe, overrides)
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(runs_root, r.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    strategy, why = r.strategy, ""
+    if strategy == "auto":
+        from .strategy import choose_strategy
+        strategy, why = choose_strategy(learn, r)
+        print(f"auto strategy: {strategy} ({why})", flush=True)
+    plan = stage_plan(r, learn.n_layer_groups, strategy)
+    r.save(run_dir / "recipe.toml")
+    trace, log = HyperTrace(), MetricsLog(run_dir / "metrics.csv")
+    extra = recipe_callbacks(learn, r, run_dir)
+    learn.freeze_top(plan[0].n_trainable)
+    peak = r.lr
+    if peak is None:
+        if not r.lr_find:
+            raise ValueError("recipe sets lr_find = false but gives no lr; set lr = <peak LR>")
+        found = learn.find_lr(plot=run_dir / "lr_find.png")
+        peak = found.peak
+        print(f"lr_find: peak {found.peak:.2e}, start {found.start:.2e}", flush=True)
+    stages = []
+    for i, st in enumerate(plan):
+        name = "head" if st.n_trainable == 1 else f"top{st.n_trainable}" if st.n_trainable < learn.n_layer_groups else "all"
+        for cb in [trace, log] + [c for c in learn.cbs if hasattr(c, "stage")]:
+            cb.stage = name
+        learn.freeze_top(st.n_trainable)
+        hi = peak * st.lr_mult
+        lr = slice(hi / r.lr_ratio, hi) if st.n_trainable > 1 else hi
+        ts = time.perf_counter()
+        learn.fit_stage(st.epochs, lr, r.div, r.final_div, r.pct_start, r.moms, cbs=[trace, log] + extra)
+        vals = dict(zip([n for n in learn.recorder.metric_names[1:] if n != "time"], learn.recorder.log[1:]))
+        stages.append({"stage": name, "trainable_groups": st.n_trainable, "epochs": st.epochs,
+                       "peak_lr": hi, **{k: float(v) for k, v in vals.items()},
+                       "seconds": round(time.perf_counter() - ts, 1)})
+    for cb in extra:
+        if hasattr(cb, "finish"):
+            cb.finish(learn)
+    valid_loss, *mets = learn.validate()
+    acc = float(mets[0]) if mets else float("nan")
+    result = RunResult(run_dir, r, strategy, acc, float(valid_loss), time.perf_counter() - t0, peak, stages, why)
+    _write_outputs(learn, result, trace, log)
+    from .progress import summary_table
+    summary_table(stages, title=f"{r.name}: {strategy}, accuracy {acc:.4f} in {result.seconds:.0f}s")
+    return result
+
+
+def _write_outputs(learn, res: RunResult, trace: HyperTrace, log: MetricsLog) -> None:
+    from .checkpoint import save_weights
+    d = res.run_dir
+    save_weights(learn.model, d / "model.safetensors")
+    with open(d / "trace.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "stage", "lr_head", "lr_first", "mom", "loss"])
+        for row in trace.rows:
+            w.writerow([row["step"], row["stage"], row["lr"][-1], row["lr"][0],
+                        row["mom"][-1] if row["mom"] else "", row["loss"]])
+    summary = {k: v for k, v in asdict(res).items() if k not in ("recipe", "run_dir")}
+    (d / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    plot_run(trace.rows, log.rows, d)
+
+
+def plot_run(trace_rows: list[dict], epoch_rows: list[dict], out: Path) -> None:
+    "loss.png (training loss per step, validation loss per epoch) and schedule.png (LR and momentum)."
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    if not trace_rows:
+        return
+    steps = [r["step"] for r in trace_rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r["loss"] for r in trace_rows], lw=0.8, label="train loss (per step)")
+    if epoch_rows and "valid_loss" in epoch_rows[0]:
+        per_epoch = len(steps) / max(1, len(epoch_rows))
+        ax.plot([per_epoch * (i + 1) for i in range(len(epoch_rows))], [r["valid_loss"] for r in epoch_rows],
+                "o-", label="valid loss (per epoch)")
+    ax.set_xlabel("optimizer step"); ax.set_ylabel("loss"); ax.legend(); ax.set_title("loss")
+    fig.tight_layout(); fig.savefig(out / "loss.png", dpi=100); plt.close(fig)
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    a1.plot(steps, [r["lr"][-1] for r in trace_rows], label="head LR")
+    a1.plot(steps, [r["lr"][0] for r in trace_rows], label="first-group LR")
+    a1.set_yscale("log"); a1.set_ylabel("learning rate"); a1.legend()
+    if trace_rows[0]["mom"]:
+        a2.plot(steps, [r["mom"][-1] for r in trace_rows], color="C3")
+    a2.set_ylabel("momentum / beta1"); a2.set_xlabel("optimizer step")
+    fig.suptitle("one-cycle schedule per stage"); fig.tight_layout()
+    fig.savefig(out / "schedule.png", dpi=100); plt.close(fig)
+
+
+def learner_from_recipe(data: str | Path, recipe="transfer", overrides: dict | list[str] | None = None,
+                        progress: bool = True):
+    """DataLoaders and a `TransferLearner` exactly as recipe `recipe` says, for a folder or a sample name.
+
+    Everything is validated before any compute: the recipe, the data folder, the architecture name
+    and the number of classes against the head.
+    """
+    from fastai.torch_core import set_seed
+    from .data import image_dls
+    from .learner import transfer_learner
+    from .sample import is_sample_name, sample
+    r = load_recipe(recipe, overrides)
+    path = sample(str(data)) if is_sample_name(str(data)) and not Path(data).exists() else Path(data)
+    set_seed(r.seed, reproducible=True)
+    dls = image_dls(path, size=r.size, bs=r.bs, valid_pct=r.valid_pct, seed=r.seed, arch=r.arch,
+                    augment=r.augment, flip=r.flip, bad_images=r.bad_images, random_erasing=r.random_erasing)
+    learn = transfer_learner(dls, r.arch, pretrained=r.pretrained, opt=r.opt, lookahead=r.lookahead, wd=r.wd,
+                             wd_norm_bias=r.wd_norm_bias, label_smoothing=r.label_smoothing,
+                             drop_rate=r.drop_rate, drop_path=r.drop_path, progress=progress)
+    return learn, r

@@ -1,0 +1,41 @@
+"""Shared tiny fixtures: synthetic image data as fastai DataLoaders, deterministic settings."""
+import random
+
+import numpy as np
+import pytest
+import torch
+import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
+from fastai.data.core import DataLoaders
+
+
+def make_blobs(n: int = 96, c: int = 3, size: int = 32, seed: int = 0):
+    "n images of `c` separable classes: each class a different mean colour plus noise."
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % c
+    x = torch.randn(n, 3, size, size, generator=g) * 0.5
+    for k in range(c):
+        x[y == k, k % 3] += 1.5 * (1 + k // 3)
+    return x, y
+
+
+def synthetic_dls(n: int = 96, c: int = 3, size: int = 32, bs: int = 16, seed: int = 0) -> DataLoaders:
+    "fastai DataLoaders over tensors (no files), shuffled with a fixed seed, with a `c` attribute."
+    x, y = make_blobs(n, c, size, seed)
+    nv = n // 4
+    train = list(zip(x[nv:], y[nv:]))
+    valid = list(zip(x[:nv], y[:nv]))
+    dls = DataLoaders.from_dsets(train, valid, bs=bs, shuffle=True, device="cpu", num_workers=0)
+    dls.c = c
+    dls.train.rng.seed(seed)
+    return dls
+
+
+@pytest.fixture
+def seeded():
+    random.seed(0); np.random.seed(0); torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def dls():
+    return synthetic_dls()

@@ -1,0 +1,347 @@
+import io
+import pickle
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from fastlearn import data as data_mod
+from fastlearn.data import IMAGENET_MEAN, IMAGENET_STD, FolderReport, check_image_folder, image_dls
+from fastlearn.errors import CorruptImageError, DataError, EmptyClassError, SingleClassError
+
+CPU = dict(device="cpu", num_workers=0, bs=4)
+
+
+def _img(path: Path, mode: str = "RGB", size=(12, 10), color=None, fmt: str | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if color is None: color = {"L": 90, "1": 1, "P": 3, "LA": (90, 128), "RGBA": (10, 200, 30, 128), "CMYK": (0, 50, 100, 0)}.get(mode, (10, 120, 240))
+    Image.new(mode, size, color).save(path, format=fmt)
+    return path
+
+
+def _folder(root: Path, classes=("cat", "dog"), n: int = 5, split: str | None = None, **kw) -> Path:
+    for cls in classes:
+        for i in range(n):
+            _img(root / (split or "") / cls / f"{i}.png", **kw)
+    return root
+
+
+def _truncated(path: Path, fmt: str) -> Path:
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 60).convert("RGB").save(buf, format=fmt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    return path
+
+
+def _all_batches(dl):
+    return [(x.clone(), y.clone()) for x, y in dl]
+
+
+# --- check_image_folder: errors before any training -------------------------------------------------------------
+
+def test_missing_path(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        check_image_folder(tmp_path / "nope")
+
+
+def test_file_not_folder(tmp_path):
+    f = _img(tmp_path / "x.png")
+    with pytest.raises(DataError, match="not a directory"):
+        check_image_folder(f)
+
+
+def test_empty_folder(tmp_path):
+    with pytest.raises(DataError, match="no class subfolders") as e:
+        check_image_folder(tmp_path)
+    assert str(tmp_path) in str(e.value) and "train" in str(e.value)
+
+
+def test_loose_images_without_class_folders(tmp_path):
+    for i in range(3): _img(tmp_path / f"{i}.jpg")
+    with pytest.raises(DataError, match="found 3 image"):
+        check_image_folder(tmp_path)
+
+
+def test_no_images_at_all(tmp_path):
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        (tmp_path / cls / "notes.txt").write_text("hi")
+    with pytest.raises(DataError, match="no image files"):
+        check_image_folder(tmp_path)
+
+
+def test_empty_class_folder_is_named(tmp_path):
+    _folder(tmp_path, classes=("cat", "dog"))
+    (tmp_path / "bird").mkdir()
+    (tmp_path / "bird" / "readme.txt").write_text("todo")
+    with pytest.raises(EmptyClassError) as e:
+        check_image_folder(tmp_path)
+    assert str(tmp_path / "bird") in str(e.value) and "dog" not in str(e.value)
+
+
+def test_single_class(tmp_path):
+    _folder(tmp_path, classes=("cat",))
+    with pytest.raises(SingleClassError, match="cat"):
+        check_image_folder(tmp_path)
+
+
+def test_all_bad_files_are_listed(tmp_path):
+    _folder(tmp_path)
+    bad = {(tmp_path / "cat" / "zero.png"), _truncated(tmp_path / "cat" / "half.png", "PNG"),
+           _truncated(tmp_path / "dog" / "half.jpg", "JPEG"), tmp_path / "dog" / "text.jpg"}
+    (tmp_path / "cat" / "zero.png").write_bytes(b"")
+    (tmp_path / "dog" / "text.jpg").write_text("not an image")
+    with pytest.raises(CorruptImageError) as e:
+        check_image_folder(tmp_path)
+    assert set(e.value.paths) == bad
+    assert all(str(p) in str(e.value) for p in bad) and "bad_images='skip'" in str(e.value)
+
+
+def test_truncation_setting_is_not_changed_globally(tmp_path):
+    from PIL import ImageFile
+    _folder(tmp_path)
+    _truncated(tmp_path / "cat" / "half.jpg", "JPEG")
+    with pytest.raises(CorruptImageError):
+        check_image_folder(tmp_path)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_skip_mode_counts_bad_files_and_still_builds_dls(tmp_path):
+    _folder(tmp_path, n=5)
+    (tmp_path / "cat" / "zero.png").write_bytes(b"")
+    _truncated(tmp_path / "dog" / "half.png", "PNG")
+    (tmp_path / "dog" / "labels.txt").write_text("ignored: not an image suffix")
+    report = check_image_folder(tmp_path, bad_images="skip")
+    assert len(report.skipped) == 2 and report.n_images == 10 and report.n_ignored == 1
+    assert report.counts == {"all": {"cat": 5, "dog": 5}}
+    with pytest.warns(UserWarning, match="skipping 2"):
+        dls = image_dls(tmp_path, size=8, bad_images="skip", **CPU)
+    assert len(dls.train_ds) + len(dls.valid_ds) == 10
+    assert not set(dls.train_ds.items + dls.valid_ds.items) & set(report.skipped)
+
+
+def test_class_whose_images_are_all_bad_is_empty_after_skipping(tmp_path):
+    _folder(tmp_path, classes=("cat", "dog"))
+    (tmp_path / "fox").mkdir()
+    (tmp_path / "fox" / "0.png").write_bytes(b"")
+    with pytest.raises(EmptyClassError, match="after skipping"):
+        check_image_folder(tmp_path, bad_images="skip")
+
+
+def test_bad_images_value_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="'error', 'skip'"):
+        check_image_folder(tmp_path, bad_images="ignore")
+
+
+def test_valid_class_unknown_to_train(tmp_path):
+    _folder(tmp_path, split="train")
+    _folder(tmp_path, classes=("cat", "dog", "cow"), split="valid")
+    with pytest.raises(DataError, match="cow"):
+        check_image_folder(tmp_path)
+
+
+def test_train_without_valid_folder(tmp_path):
+    _folder(tmp_path, split="train")
+    with pytest.raises(DataError, match="no valid/ or val/"):
+        check_image_folder(tmp_path)
+
+
+def test_train_val_layout_is_accepted(tmp_path):
+    _folder(tmp_path, n=4, split="train")
+    _folder(tmp_path, n=2, split="val")
+    r = check_image_folder(tmp_path)
+    assert (r.layout, r.valid_name, r.classes) == ("train_valid", "val", ("cat", "dog"))
+    assert r.counts == {"train": {"cat": 4, "dog": 4}, "valid": {"cat": 2, "dog": 2}} and r.n_images == 12
+
+
+def test_hidden_nested_and_fastai_models_folders(tmp_path):
+    _folder(tmp_path, n=3)
+    _img(tmp_path / "cat" / "more" / "deep.png")  # nested: still a cat
+    _img(tmp_path / ".ipynb_checkpoints" / "x.png")  # hidden: not a class
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "stage1.pth").write_bytes(b"weights")  # fastai's save folder: not a class
+    r = check_image_folder(tmp_path)
+    assert r.classes == ("cat", "dog") and r.counts["all"] == {"cat": 4, "dog": 3}
+    dls = image_dls(tmp_path, size=8, valid_pct=0.3, **CPU)
+    labels = {Path(p).name: dls.vocab[int(y)] for ds in (dls.train_ds, dls.valid_ds) for p, (_, y) in zip(ds.items, ds)}
+    assert labels["deep.png"] == "cat"
+
+
+def test_report_is_frozen_and_summarises(tmp_path):
+    r = check_image_folder(_folder(tmp_path))
+    assert isinstance(r, FolderReport)
+    with pytest.raises(AttributeError):
+        r.layout = "x"
+    assert r.summary().endswith("2 classes, 10 images (all 10)")
+
+
+def test_2000_small_images_check_quickly(tmp_path):
+    for cls in range(10):
+        (tmp_path / str(cls)).mkdir()
+        for i in range(200): Image.new("L", (8, 8), i).save(tmp_path / str(cls) / f"{i}.png")
+    t = time.perf_counter()
+    r = check_image_folder(tmp_path)
+    elapsed = time.perf_counter() - t
+    assert r.n_images == 2000
+    assert elapsed < 2.0, f"checking 2,000 8x8 PNGs took {elapsed:.2f}s"
+
+
+# --- image_dls ----------------------------------------------------------------------------------------------------
+
+def test_any_image_mode_loads_as_3_channels(tmp_path):
+    for i, (mode, fmt) in enumerate([("L", "PNG"), ("RGBA", "PNG"), ("CMYK", "JPEG"), ("P", "PNG"), ("1", "PNG"),
+                                     ("LA", "PNG"), ("CMYK", "TIFF")]):
+        for cls in ("a", "b"):
+            _img(tmp_path / cls / f"{i}.{fmt.lower()}", mode=mode, size=(20 + i, 15), fmt=fmt)
+    dls = image_dls(tmp_path, size=16, valid_pct=0.3, **CPU)
+    for dl in (dls.train, dls.valid):
+        for x, y in dl:
+            assert x.shape[1:] == (3, 16, 16) and x.dtype == torch.float32
+
+
+def test_train_valid_layout_uses_the_folders(tmp_path):
+    _folder(tmp_path, n=6, split="train")
+    _folder(tmp_path, n=2, split="valid")
+    dls = image_dls(tmp_path, size=8, **CPU)
+    assert (len(dls.train_ds), len(dls.valid_ds)) == (12, 4)
+    assert all(Path(p).parts[-3] == "valid" for p in dls.valid_ds.items)
+    assert dls.vocab == ["cat", "dog"] and dls.folder_report.layout == "train_valid"
+
+
+def test_flat_layout_random_split_sizes(tmp_path):
+    _folder(tmp_path, n=10)
+    dls = image_dls(tmp_path, size=8, valid_pct=0.25, **CPU)
+    assert (len(dls.train_ds), len(dls.valid_ds)) == (15, 5)
+    assert not set(dls.train_ds.items) & set(dls.valid_ds.items)
+
+
+def test_flat_split_too_small_for_validation(tmp_path):
+    _folder(tmp_path, n=1)
+    with pytest.raises(DataError, match="no validation image"):
+        image_dls(tmp_path, size=8, valid_pct=0.2, **CPU)
+
+
+def test_batch_larger_than_train_set(tmp_path):
+    _folder(tmp_path, n=5)
+    with pytest.raises(DataError, match="bs=64"):
+        image_dls(tmp_path, size=8, valid_pct=0.2, **{**CPU, "bs": 64})
+
+
+def test_same_seed_same_split_and_first_batch(tmp_path):
+    _folder(tmp_path, classes=("a", "b", "c"), n=8)
+    for i, p in enumerate(sorted(tmp_path.rglob("*.png"))):  # distinct images so batches can be compared
+        _img(p, mode="L", color=i * 10)
+    make = lambda seed: image_dls(tmp_path, size=8, seed=seed, augment=False, **CPU)
+    a, b, c = make(1), make(1), make(2)
+    assert a.valid_ds.items == b.valid_ds.items and a.valid_ds.items != c.valid_ds.items
+    (xa, ya), (xb, yb) = a.one_batch(), b.one_batch()
+    assert torch.equal(ya, yb) and torch.equal(xa, xb)
+    assert not torch.equal(next(iter(a.train))[0], next(iter(a.train))[0])  # still reshuffled every epoch
+
+
+def test_split_does_not_reseed_torch_globally(tmp_path):
+    _folder(tmp_path)
+    draws = []
+    for before in (123, 456):
+        torch.manual_seed(before)
+        image_dls(tmp_path, size=8, seed=42, **CPU)
+        draws.append(torch.rand(3))
+    assert not torch.equal(*draws)  # fastai's RandomSplitter(seed=42) would reset torch's global rng: equal draws
+
+
+def test_augment_false_gives_deterministic_batches(tmp_path):
+    _folder(tmp_path, n=6, size=(14, 10), mode="L")
+    for i, p in enumerate(sorted(tmp_path.rglob("*.png"))):
+        im = Image.effect_noise((14, 10), 40 + i)  # non-square: fastai's Resize would crop at random on train
+        im.save(p)
+    dls = image_dls(tmp_path, size=8, augment=False, **CPU)
+    dls.train.shuffle = False
+    first, second = _all_batches(dls.train), _all_batches(dls.train)
+    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(first, second))
+    dls_aug = image_dls(tmp_path, size=8, augment=True, **CPU)
+    dls_aug.train.shuffle = False
+    a1, a2 = _all_batches(dls_aug.train), _all_batches(dls_aug.train)
+    assert not all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(a1, a2))  # augmentation does vary
+
+
+def test_explicit_stats_normalise_constant_images_to_zero(tmp_path):
+    _folder(tmp_path, n=4, color=(51, 102, 204))  # 0.2, 0.4, 0.8 of 255
+    dls = image_dls(tmp_path, size=8, mean=(0.2, 0.4, 0.8), std=(0.1, 0.2, 0.3), augment=False, **CPU)
+    for dl in (dls.train, dls.valid):
+        x, _ = dl.one_batch()
+        assert x.abs().max() < 1e-5
+
+
+def test_default_stats_are_imagenet(tmp_path):
+    dls = image_dls(_folder(tmp_path), size=8, **CPU)
+    norm = dls.after_batch.fs[-1]
+    assert torch.allclose(norm.mean.flatten(), torch.tensor(IMAGENET_MEAN))
+    assert torch.allclose(norm.std.flatten(), torch.tensor(IMAGENET_STD))
+
+
+@pytest.fixture
+def fake_models(monkeypatch):
+    "Stand-in for fastlearn.models so the arch path is tested without timm weights."
+    calls = []
+    mod = types.ModuleType("fastlearn.models")
+    mod.model_stats = lambda arch, pretrained=True: calls.append(arch) or ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    mod.model_input_size = lambda arch: calls.append(arch) or 12
+    monkeypatch.setitem(sys.modules, "fastlearn.models", mod)
+    return calls
+
+
+def test_arch_gives_stats_and_size(tmp_path, fake_models):
+    dls = image_dls(_folder(tmp_path), size=None, arch="fake_net", augment=False, **CPU)
+    x, _ = dls.one_batch()
+    norm = [t for t in dls.after_batch.fs if type(t).__name__ == "Normalize"][0]
+    assert x.shape[-2:] == (12, 12) and fake_models == ["fake_net", "fake_net"]
+    assert torch.allclose(norm.mean.flatten(), torch.tensor(0.5)) and torch.allclose(norm.std.flatten(), torch.tensor(0.25))
+
+
+def test_explicit_stats_win_over_arch(tmp_path, fake_models):
+    dls = image_dls(_folder(tmp_path), size=8, arch="fake_net", mean=(0.1, 0.1, 0.1), std=(1, 1, 1), **CPU)
+    norm = dls.after_batch.fs[-1]
+    assert torch.allclose(norm.mean.flatten(), torch.tensor(0.1)) and fake_models == []
+
+
+def test_argument_errors(tmp_path):
+    root = _folder(tmp_path)
+    with pytest.raises(ValueError, match="arch="):
+        image_dls(root, size=None, **CPU)
+    with pytest.raises(ValueError, match="both or neither"):
+        image_dls(root, size=8, mean=(0.5, 0.5, 0.5), **CPU)
+    with pytest.raises(ValueError, match="valid_pct=1.5"):
+        image_dls(root, size=8, valid_pct=1.5, **CPU)
+
+
+def test_random_erasing_changes_train_batches_only(tmp_path):
+    _folder(tmp_path, n=4, color=(51, 102, 204))
+    dls = image_dls(tmp_path, size=16, mean=(0.2, 0.4, 0.8), std=(0.1, 0.2, 0.3), augment=False,
+                    random_erasing=1.0, **CPU)
+    xt, yt = dls.train.one_batch()
+    xv, _ = dls.valid.one_batch()
+    assert xt.abs().amax(dim=(1, 2, 3)).min() > 0.1  # every training image got an erased (noise) patch
+    assert xv.abs().max() < 1e-5 and yt.dtype == torch.long
+
+
+def test_dataloaders_pickle_for_export(tmp_path):
+    dls = image_dls(_folder(tmp_path), size=8, random_erasing=0.5, **CPU)
+    empty = pickle.loads(pickle.dumps(dls.new_empty()))
+    assert empty.vocab == ["cat", "dog"]
+
+
+def test_default_num_workers(monkeypatch):
+    monkeypatch.setattr(data_mod.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(data_mod.sys, "platform", "linux")
+    assert data_mod.default_num_workers() == 8
+    monkeypatch.setattr(data_mod.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert data_mod.default_num_workers() == 0
+    monkeypatch.setattr(data_mod.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    assert data_mod.default_num_workers() == 3
+    monkeypatch.setattr(data_mod.sys, "platform", "darwin")
+    assert data_mod.default_num_workers() == 0

@@ -1,0 +1,142 @@
+"""LR range test: suggestions on synthetic curves, exact restore, works frozen and mid-training."""
+import copy
+import random
+
+import numpy as np
+import pytest
+import torch
+from fastai.learner import Learner
+from torch import nn
+
+from fastlearn.lr_finder import learner_snapshot, lr_find, suggest_lrs
+from fastlearn.optim import opt_func
+from conftest import synthetic_dls
+
+
+def synthetic_curve(lrs, good=1e-2, blow=3e-1, noise=0.0, seed=0):
+    "A range-test shaped loss: flat at 2.3, descends around `good`, blows up past `blow`."
+    x = np.log10(lrs)
+    base = 2.3 - 1.8 / (1 + np.exp(-(x - np.log10(good)) * 4))
+    blowup = np.exp(np.clip((x - np.log10(blow)) * 6, -50, 50))
+    rng = np.random.default_rng(seed)
+    return base + blowup * 0.5 + noise * rng.standard_normal(len(lrs))
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.02])
+def test_suggestions_bracket_the_descent(noise):
+    lrs = np.geomspace(1e-6, 10, 100)
+    losses = synthetic_curve(lrs, noise=noise)
+    # smooth as the sweep does (debiased EMA, beta 0.98 in fastai's recorder; 0.8 here for 100 pts)
+    sm, avg = [], 0.0
+    for i, l in enumerate(losses):
+        avg = 0.8 * avg + 0.2 * l
+        sm.append(avg / (1 - 0.8 ** (i + 1)))
+    peak, start, at_min, diverged = suggest_lrs(lrs, sm)
+    assert diverged
+    assert 3e-3 <= peak <= 2e-1, peak        # in the steep part, below the blow-up at 3e-1
+    assert peak <= at_min / 3 + 1e-12
+    assert 1e-4 <= start <= 1e-2, start      # where the loss first improves, before the peak
+    assert start < peak
+
+
+def test_no_improvement_falls_back_below_minimum():
+    lrs = np.geomspace(1e-6, 1, 50)
+    losses = np.full(50, 2.0) + np.linspace(0, 1e-3, 50)
+    peak, start, at_min, _ = suggest_lrs(lrs, losses)
+    assert peak == pytest.approx(at_min / 10) and start <= peak
+
+
+def test_bad_input():
+    with pytest.raises(ValueError):
+        suggest_lrs([1, 2, 3], [1, 2, 3])
+    with pytest.raises(ValueError, match="diverged"):
+        suggest_lrs(np.geomspace(1e-3, 1, 20), [1, 1, 1, np.nan] + [1.0] * 16)
+
+
+def tiny_learner(freeze=False):
+    dls = synthetic_dls(n=160, bs=16)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 3))
+    learn = Learner(dls, model, loss_func=nn.CrossEntropyLoss(), opt_func=opt_func("adamw"),
+                    splitter=lambda m: [list(m[:2].parameters()), list(m[5].parameters())])
+    learn.logger = lambda *a: None
+    if freeze:
+        learn.freeze()
+    return learn
+
+
+def state(learn):
+    return ({k: v.clone() for k, v in learn.model.state_dict().items()},
+            None if learn.opt is None else copy.deepcopy(learn.opt.state_dict()))
+
+
+def assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def assert_opt_equal(a, b):
+    assert a["param_groups"] == b["param_groups"]
+    for k in a["state"]:
+        for n, v in a["state"][k].items():
+            assert torch.equal(v, b["state"][k][n]) if torch.is_tensor(v) else v == b["state"][k][n]
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_lr_find_after_training_restores_everything(tmp_path, freeze):
+    torch.manual_seed(0)
+    learn = tiny_learner(freeze)
+    with learn.no_bar():
+        learn.fit(1, lr=1e-3)  # training has started: optimizer has state, BN stats moved
+    w0, o0 = state(learn)
+    rng0 = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    dl_rng0 = learn.dls.train.rng.getstate()
+    rec0 = list(learn.recorder.values)
+    with learn.no_bar():
+        res = lr_find(learn, num_it=40, plot=tmp_path / "lr.png")
+    w1, o1 = state(learn)
+    assert_bitwise_equal(w0, w1)           # weights and BatchNorm running stats
+    assert_opt_equal(o0, o1)               # Adam moments and hyper-parameters
+    assert torch.equal(torch.get_rng_state(), rng0[0]) and random.getstate() == rng0[1]
+    assert (np.random.get_state()[1] == rng0[2]).all()
+    assert learn.dls.train.rng.getstate() == dl_rng0
+    assert learn.recorder.values == rec0
+    assert 1e-7 <= res.start <= res.peak <= 10
+    assert (tmp_path / "lr.png").stat().st_size > 5000
+    with learn.no_bar():
+        learn.fit(1, lr=1e-3)              # and training continues normally
+
+
+def test_lr_find_then_fit_equals_fit_alone():
+    "Running the range test does not change what training does afterwards (same data order, RNG, state)."
+    def run(with_find):
+        torch.manual_seed(1)
+        learn = tiny_learner()
+        learn.dls.train.rng.seed(1)
+        with learn.no_bar():
+            if with_find:
+                lr_find(learn, num_it=20)
+            learn.fit(1, lr=1e-3)
+        return learn.model.state_dict()
+    assert_bitwise_equal(run(False), run(True))
+
+
+def test_lr_find_rejects_bad_arguments():
+    learn = tiny_learner()
+    with pytest.raises(ValueError, match="start_lr"):
+        lr_find(learn, start_lr=-1)
+    with pytest.raises(ValueError, match="end_lr"):
+        lr_find(learn, start_lr=1e-3, end_lr=1e-4)
+
+
+def test_snapshot_restores_on_exception():
+    learn = tiny_learner()
+    learn.create_opt()
+    w0, _ = state(learn)
+    with pytest.raises(RuntimeError):
+        with learner_snapshot(learn):
+            with torch.no_grad():
+                learn.model[0].weight.add_(1.0)
+            raise RuntimeError("boom")
+    assert_bitwise_equal(w0, state(learn)[0])
