@@ -8,8 +8,11 @@ from fastai.callback.core import Callback
 __all__ = ["recipe_callbacks"]
 
 
-def recipe_callbacks(learn, r, run_dir: Path) -> list[Callback]:
-    "Callbacks for the recipe's regularisers, averaging, early stopping, resizing and precision."
+def recipe_callbacks(learn, r, run_dir: Path, total_steps: int | None = None) -> list[Callback]:
+    """Callbacks for the recipe's regularisers, averaging, early stopping, resizing and precision.
+
+    `total_steps`: training batches of the whole run (all stages), so progressive resizing follows the
+    run rather than each stage; None works it out from the stage plan unless the strategy is 'auto'."""
     from fastai.callback.mixup import CutMix, MixUp
     from fastai.callback.training import GradientAccumulation, GradientClip
     cbs: list[Callback] = []
@@ -21,4 +24,25 @@ def recipe_callbacks(learn, r, run_dir: Path) -> list[Callback]:
         cbs.append(GradientClip(r.grad_clip))  # order 11: after MixedPrecision unscales the grads
     if r.grad_accum > 1:  # fastai counts samples, the recipe counts micro-batches
         cbs.append(GradientAccumulation(n_acc=r.grad_accum * learn.dls.train.bs))
+    # --- resize + EMA + early stopping (fastlearn/resize.py, fastlearn/ema.py) ---
+    from .ema import EMA
+    from .resize import ProgressiveResize
+    valid_size = r.valid_size or r.size
+    if r.resize_start or valid_size != r.size:  # the dls load at max(size, valid_size); shrink on the device
+        if total_steps is None and r.strategy != "auto":
+            from .training import stage_plan
+            total_steps = sum(st.epochs for st in stage_plan(r, learn.n_layer_groups, r.strategy)) * len(learn.dls.train)
+        cbs.append(ProgressiveResize(start=r.resize_start or r.size, final=r.size, ramp=r.resize_ramp,
+                                     multiple=r.resize_multiple, valid_size=valid_size, total_steps=total_steps))
+    if r.ema:
+        cbs.append(EMA(r.ema_decay))
+    if r.early_stop:
+        from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback
+        # best over the whole run, not per stage (reset_on_fit=False): each stage gets `early_stop` epochs to
+        # beat it, and after each stage the best weights so far are loaded back. fastai saves to and mkdirs
+        # learn.path/model_dir, so model_dir points at the run folder: run_dir/best.pth, no stray ./models.
+        learn.model_dir = Path(run_dir).absolute()
+        cbs.append(SaveModelCallback(monitor="valid_loss", fname="best", with_opt=False, reset_on_fit=False))
+        cbs.append(EarlyStoppingCallback(monitor="valid_loss", patience=r.early_stop, reset_on_fit=False))
+    # --- end resize + EMA + early stopping ---
     return cbs

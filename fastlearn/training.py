@@ -111,16 +111,27 @@ def stage_plan(recipe: Recipe, n_groups: int, strategy: str) -> list[UnfreezeSta
 
 
 def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, overrides: dict | None = None,
-               runs_root: str | Path = "runs") -> RunResult:
+               runs_root: str | Path = "runs", resume: bool = False, checkpoint_steps: int = 0) -> RunResult:
     """Run `recipe` on `learn`: choose the strategy, find the LR, train each unfreezing stage as a
-    one-cycle with discriminative LRs, and write everything into a run folder."""
+    one-cycle with discriminative LRs, and write everything into a run folder.
+
+    Checkpoints go to `run_dir/checkpoints` every `recipe.checkpoint_every` epochs, at each stage's end and,
+    with `checkpoint_steps`, every that many batches. `resume=True` continues `run_dir` from its latest
+    checkpoint: finished stages are skipped and the current one goes on from the saved epoch and batch."""
     from .callbacks import recipe_callbacks
+    from .checkpoint import Checkpointer, ResumeAt, resume_state
+    from .guard import NonFiniteGuard
     r = load_recipe(recipe, overrides)
+    if resume and run_dir is None:
+        raise ValueError("resume=True needs run_dir, the run folder to continue")
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(runs_root, r.name)
     run_dir.mkdir(parents=True, exist_ok=True)
+    state = resume_state(run_dir, r) if resume else None
     t0 = time.perf_counter()
     strategy, why = r.strategy, ""
-    if strategy == "auto":
+    if state is not None:
+        strategy, why = state.extra["strategy"], state.extra["why"]
+    elif strategy == "auto":
         from .strategy import choose_strategy
         strategy, why = choose_strategy(learn, r)
         print(f"auto strategy: {strategy} ({why})", flush=True)
@@ -128,24 +139,45 @@ def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, over
     r.save(run_dir / "recipe.toml")
     trace, log = HyperTrace(), MetricsLog(run_dir / "metrics.csv")
     extra = recipe_callbacks(learn, r, run_dir)
+    stages = []
+    ckpt = Checkpointer(run_dir, r.checkpoint_every, r.keep_last, checkpoint_steps, recipe=r,
+                        extra_state=lambda: {"strategy": strategy, "why": why, "peak": peak, "stages": stages,
+                                             "trace": trace.rows, "metrics": log.rows})
+    guard = NonFiniteGuard()
     learn.freeze_top(plan[0].n_trainable)
     peak = r.lr
-    if peak is None:
+    if state is not None:
+        learn.freeze_top(plan[min(state.stage, len(plan) - 1)].n_trainable)
+        state.restore(learn, extra)
+        ckpt.load_history(state)
+        peak, stages = state.extra["peak"], list(state.extra["stages"])
+        trace.rows, log.rows = list(state.extra["trace"]), list(state.extra["metrics"])
+        print(f"resuming {run_dir} from {state.path.name}: stage {state.stage + 1}/{len(plan)}, "
+              f"epoch {state.epoch}/{state.stage_epochs}, batch {state.iter}", flush=True)
+    elif peak is None:
         if not r.lr_find:
             raise ValueError("recipe sets lr_find = false but gives no lr; set lr = <peak LR>")
         found = learn.find_lr(plot=run_dir / "lr_find.png")
         peak = found.peak
         print(f"lr_find: peak {found.peak:.2e}, start {found.start:.2e}", flush=True)
-    stages = []
     for i, st in enumerate(plan):
+        epochs, resume_cb = st.epochs, []
+        if state is not None:  # the first stage run after a resume: skip finished stages, go on mid-stage
+            if i < state.stage or (i == state.stage and state.stage_done):
+                continue
+            if st.epochs > 0:  # a 0-epoch stage draws nothing: the RNGs wait for the next real one
+                resume_cb = [ResumeAt(state) if i == state.stage else ResumeAt(state, epoch=0, stage_epochs=st.epochs)]
+                epochs, state = st.epochs - resume_cb[0].epoch_offset, None
         name = "head" if st.n_trainable == 1 else f"top{st.n_trainable}" if st.n_trainable < learn.n_layer_groups else "all"
-        for cb in [trace, log] + [c for c in learn.cbs if hasattr(c, "stage")]:
+        for cb in [trace, log, guard] + [c for c in learn.cbs if hasattr(c, "stage")]:
             cb.stage = name
+        ckpt.stage_index = i
         learn.freeze_top(st.n_trainable)
         hi = peak * st.lr_mult
         lr = slice(hi / r.lr_ratio, hi) if st.n_trainable > 1 else hi
         ts = time.perf_counter()
-        learn.fit_stage(st.epochs, lr, r.div, r.final_div, r.pct_start, r.moms, cbs=[trace, log] + extra)
+        learn.fit_stage(epochs, lr, r.div, r.final_div, r.pct_start, r.moms,
+                        cbs=[trace, log, ckpt, guard] + extra + resume_cb)
         vals = dict(zip([n for n in learn.recorder.metric_names[1:] if n != "time"], learn.recorder.log[1:]))
         stages.append({"stage": name, "trainable_groups": st.n_trainable, "epochs": st.epochs,
                        "peak_lr": hi, **{k: float(v) for k, v in vals.items()},

@@ -39,3 +39,26 @@ def seeded():
 @pytest.fixture
 def dls():
     return synthetic_dls()
+
+
+def write_image_folder(root, n_per_class: int = 16, classes=("a", "b", "c"), size: int = 32, valid: int = 4,
+                       seed: int = 0):
+    "A tiny train/ + valid/ folder of PNGs whose classes differ by colour (learnable in a few steps)."
+    from pathlib import Path
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for k, c in enumerate(classes):
+        for split, n in (("train", n_per_class), ("valid", valid)):
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                a = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+                a[..., k % 3] += 160
+                Image.fromarray(a).save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("imgs"))

@@ -1,0 +1,126 @@
+"""The `fastlearn` command line: `recipes`, `train`, `lr-find` (and `doctor`, `search`).
+
+Bad input exits with status 2 and one line `fastlearn: error: ...` before any training starts.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastlearn", description="Best-practice training presets for fastai + timm.")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    sub.add_parser("recipes", help="list the named recipes (presets)",
+                   description="List the named recipes: what each is for, epochs, sizes, expected result.")
+
+    t = sub.add_parser("train", help="train a recipe on a folder of class subfolders (or a bundled sample)",
+                       description="Train RECIPE on --data. Extra key=value arguments override recipe keys, "
+                                   "e.g. `fastlearn train transfer --data ./pets epochs=3 lr=1e-3`.")
+    t.add_argument("recipe", help="recipe name (see `fastlearn recipes`) or path to a .toml file")
+    t.add_argument("--data", required=True, help="image folder (train/ + valid/, or class folders) or 'digits'")
+    t.add_argument("--out", default="runs", help="parent folder of run folders (default: runs)")
+    t.add_argument("--run-dir", default=None, help="exact run folder (must not hold a previous run unless --resume)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
+    t.add_argument("--distributed", action="store_true",
+                   help="train with DDP under torchrun/accelerate (launch with `torchrun --nproc_per_node=N`)")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="recipe keys to override")
+
+    f = sub.add_parser("lr-find", help="LR range test: print the peak and start LR, save the plot",
+                       description="Run the LR range test on the head of ARCH over --data and save lr_find.png.")
+    f.add_argument("--data", required=True, help="image folder or 'digits'")
+    f.add_argument("--arch", default="tf_efficientnet_lite0", help="timm architecture name")
+    f.add_argument("--size", type=int, default=None, help="image size in px (default: the arch's)")
+    f.add_argument("--bs", type=int, default=32, help="batch size")
+    f.add_argument("--num-it", type=int, default=100, help="sweep steps")
+    f.add_argument("--plot", default="lr_find.png", help="where to save the plot")
+    f.add_argument("--no-pretrained", action="store_true", help="random init instead of pretrained weights")
+
+    d = sub.add_parser("doctor", help="sanity checks: initial loss, overfit a few batches, data checks",
+                       description="Run the sanity checks on --data with --arch and print pass/fail with numbers.")
+    d.add_argument("--data", required=True, help="image folder or 'digits'")
+    d.add_argument("--arch", default="tf_efficientnet_lite0", help="timm architecture name")
+    d.add_argument("--size", type=int, default=64, help="image size in px")
+    d.add_argument("--bs", type=int, default=32, help="batch size")
+    return p
+
+
+def _recipes() -> int:
+    from .progress import summary_table
+    from .recipes import list_recipes, load_recipe
+    rows = []
+    for name in sorted(list_recipes()):
+        r = load_recipe(name)
+        epochs = r.epochs if r.strategy == "scratch" else f"{r.head_epochs}+{r.unfreeze_epochs}/stage+{r.epochs}"
+        sizes = f"{r.resize_start}->{r.size}" if r.resize_start else str(r.size)
+        if r.valid_size:
+            sizes += f" (val {r.valid_size})"
+        rows.append({"name": name, "for": r.description, "arch": r.arch, "epochs": str(epochs), "size px": sizes,
+                     "expected": r.expected})
+    summary_table(rows, title="fastlearn recipes")
+    return 0
+
+
+def _data_arg(data: str) -> Path:
+    from .sample import is_sample_name, sample
+    return sample(data) if is_sample_name(data) and not Path(data).exists() else Path(data)
+
+
+def _train(a) -> int:
+    from .training import learner_from_recipe, run_recipe
+    if a.resume and a.run_dir is None:
+        raise ValueError("--resume needs --run-dir, the run folder to continue")
+    if a.run_dir and not a.resume and Path(a.run_dir).exists() and any(Path(a.run_dir).iterdir()):
+        raise FileExistsError(f"run folder {a.run_dir} already holds a run; pass --resume to continue it, "
+                              f"or choose another --run-dir (nothing was overwritten)")
+    learn, r = learner_from_recipe(a.data, a.recipe, a.overrides)
+    kw = {"resume": True} if a.resume else {}
+    if a.distributed:
+        from .distributed import distributed_ctx
+        with distributed_ctx(learn, sync_bn=r.sync_bn):
+            res = run_recipe(learn, r, run_dir=a.run_dir, runs_root=a.out, **kw)
+    else:
+        res = run_recipe(learn, r, run_dir=a.run_dir, runs_root=a.out, **kw)
+    print(f"run folder: {res.run_dir}")
+    print(f"accuracy={res.accuracy:.4f} time={res.seconds:.1f}s strategy={res.strategy}")
+    return 0
+
+
+def _lr_find(a) -> int:
+    from .data import image_dls
+    from .learner import transfer_learner
+    dls = image_dls(_data_arg(a.data), size=a.size, bs=a.bs, arch=a.arch)
+    learn = transfer_learner(dls, a.arch, pretrained=not a.no_pretrained, progress=False)
+    res = learn.find_lr(num_it=a.num_it, plot=a.plot)
+    print(f"peak lr (one-cycle lr_max): {res.peak:.3e}")
+    print(f"start lr (loss first improves): {res.start:.3e}")
+    print(f"plot: {res.plot}")
+    return 0
+
+
+def _doctor(a) -> int:
+    from .diagnostics import doctor_main
+    return doctor_main(_data_arg(a.data), a.arch, size=a.size, bs=a.bs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .errors import FastlearnError
+    try:
+        return {"recipes": lambda: _recipes(), "train": lambda: _train(args), "lr-find": lambda: _lr_find(args),
+                "doctor": lambda: _doctor(args)}[args.cmd]()
+    except (FastlearnError, ValueError, FileNotFoundError, FileExistsError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"fastlearn: error: {msg}", file=sys.stderr)
+        if os.environ.get("FASTLEARN_DEBUG"):
+            raise
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Stop training on the first NaN/Inf loss or gradient, before the optimizer step can spread it into the weights.
+
+fastai has no such check (`TerminateOnNaNCallback` looks at the loss only, after the step, and just
+cancels the fit); we raise `NonFiniteError` naming the step, the stage and the LR, so the weights
+stay finite and the last checkpoint stays the last good one.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from fastai.callback.core import Callback
+
+from .errors import NonFiniteError
+
+__all__ = ["NonFiniteGuard", "grad_norm", "is_finite"]
+
+
+def is_finite(x: torch.Tensor | float) -> bool:
+    "True when every element of `x` is finite (one host sync for a tensor)."
+    if isinstance(x, torch.Tensor):
+        return bool(torch.isfinite(x).all())
+    return math.isfinite(x)
+
+
+def grad_norm(params) -> torch.Tensor | None:
+    "Global L2 norm of the gradients of `params` (torch's own foreach kernel); None when none has a grad."
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return None
+    return torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False)
+
+
+class NonFiniteGuard(Callback):
+    """Raises `NonFiniteError` when a training loss (after_loss) or the gradient norm (before_step) is NaN/Inf.
+
+    The gradient check runs after fastai's `MixedPrecision` (order 10): with fp16 its GradScaler has
+    unscaled the gradients and cancels the steps whose gradients overflowed (those are normal, the scale
+    just shrinks) before this callback runs, so only real non-finite gradients raise; likewise steps
+    that `GradientAccumulation` cancels are not checked until the accumulated step.
+    """
+    order = 12        # after MixedPrecision (10) and GradientClip (11); before the optimizer step
+    run_valid = False
+
+    def __init__(self):
+        self.stage = ""
+        self.steps = 0    # training batches seen across fits (used when no Checkpointer counts them)
+
+    def _step(self) -> int:
+        ck = getattr(self.learn, "checkpointer", None)
+        return ck.global_step if ck is not None else self.steps
+
+    def _where(self) -> str:
+        hs = self.opt.hypers
+        lrs = [float(h["lr"]) for h in hs]
+        lr = f"{lrs[-1]:.3g}" if min(lrs) == max(lrs) else f"{lrs[-1]:.3g} (head) .. {lrs[0]:.3g} (first group)"
+        stage = f"stage {self.stage!r}, " if self.stage else ""
+        return (f"at step {self._step()} ({stage}epoch {self.epoch + 1}, batch {self.iter + 1}/{self.n_iter}) "
+                f"with lr {lr}")
+
+    def after_loss(self):
+        if len(self.yb) == 0:
+            return
+        if not is_finite(self.learn.loss_grad):
+            raise NonFiniteError(f"non-finite training loss ({float(self.learn.loss_grad.float().mean())}) "
+                                 f"{self._where()}; the optimizer step was not taken, so the weights are the "
+                                 f"last finite ones. Lower the lr, check the inputs for NaN/Inf, or set grad_clip")
+
+    def before_step(self):
+        norm = grad_norm(p for pg in self.opt.param_lists for p in pg)
+        if norm is not None and not is_finite(norm):
+            raise NonFiniteError(f"non-finite gradient norm ({float(norm)}) {self._where()}; the optimizer step "
+                                 f"was not taken, so the weights are the last finite ones. Lower the lr or set "
+                                 f"grad_clip (the loss was {float(self.learn.loss):.4g})")
+
+    def after_batch(self):
+        if len(self.yb):
+            self.steps += 1

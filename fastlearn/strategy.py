@@ -1,0 +1,222 @@
+"""The transfer 2x2 table made measurable: how much data, and how ImageNet-like it is, choose the strategy.
+
+                      similar to ImageNet          different from ImageNet
+    small data        linear_probe                 full (gradual, discriminative LRs)
+    large data        fine_tune_top                full
+
+"Small" is images per class in the training split. "Similar" is measured with the frozen pretrained body
+(nothing is trained): a linear probe on its pooled features (can a linear classifier already separate the
+classes?) and the shift of its BatchNorm statistics (do the new images look, to the network, like the data
+its running statistics were collected on?). `decide` is the pure rule; `measure_dataset` takes the numbers.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["DatasetStats", "Thresholds", "measure_dataset", "decide", "choose_strategy", "STRATEGIES"]
+
+STRATEGIES = ("linear_probe", "fine_tune_top", "full", "scratch")  # what `decide`/`choose_strategy` return
+
+
+@dataclass(frozen=True)
+class DatasetStats:
+    "What `measure_dataset` found, all in plain numbers (see `decide` for how they are used)."
+    n_train: int                          # training images
+    n_classes: int
+    images_per_class: float               # median training images per class
+    min_per_class: int                    # training images of the rarest class
+    probe_acc: float                      # valid accuracy of a linear classifier on frozen pooled features, [0, 1]
+    bn_shift: float                       # mean over BN layers of mean_c |mu_new - mu_run| / sqrt(var_run + eps)
+    probe_train: int = 0                  # images the probe was fit on (a capped subset)
+    probe_valid: int = 0                  # images the probe was scored on
+    n_bn_layers: int = 0                  # BatchNorm layers the shift was averaged over (0: model has none)
+    seconds: float = 0.0                  # wall time of the measurement
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Where the 2x2 table's cells are cut. Heuristics, not laws: the CS231n table gives no numbers.
+
+    - `small_per_class`: below ~100 images per class, tuning the body's millions of weights mostly
+      fits noise; at and above it fine-tuning (top or all) reliably beats a frozen body.
+    - `tiny_per_class`: below this even careful full fine-tuning is noise; the frozen probe is the only
+      safe choice whatever the similarity.
+    - `probe_similar`: a linear probe this accurate means the pretrained features already separate the
+      classes; the body needs little change. Measured on a capped subset, so it under-estimates.
+    - `bn_similar`: a mean normalised BN mean shift at or below this means the images look ImageNet-like
+      to the network. Measured with tf_efficientnet_lite0 at 64 px, 400 train images: crops of photos
+      (scikit-learn's china/flower samples) 0.32, the digits sample 0.53, uniform noise 0.48; the cut sits
+      between. Deeper layers shift more at low resolution (0.58 over the last 10 layers even for the
+      photos), so the value depends on the image size; re-measure before trusting the cut at 224 px.
+    """
+    small_per_class: float = 100.0
+    tiny_per_class: float = 20.0
+    probe_similar: float = 0.90
+    bn_similar: float = 0.45
+
+
+def decide(stats: DatasetStats, thresholds: Thresholds = Thresholds()) -> tuple[str, str]:
+    """(strategy, why) from measured `stats`: the 2x2 table, with the numbers that placed the data in its cell.
+
+    Small and different is the hard cell. We choose `full` (gradual unfreezing, body LRs `lr_ratio` times
+    below the head's, few epochs): the probe accuracy is the ceiling of a frozen body, and when it is low
+    only adapting the body can lift it; gradual unfreezing trains the head first so the body is never
+    updated through a random head, and the low body LRs keep it near the pretrained weights. Only below
+    `tiny_per_class` images per class is the frozen body (`linear_probe`) chosen instead.
+    """
+    t = thresholds
+    small = stats.images_per_class < t.small_per_class
+    size = f"{stats.images_per_class:g} images/class ({'small' if small else 'large'}, cut at {t.small_per_class:g})"
+    probe_ok, bn_ok = stats.probe_acc >= t.probe_similar, stats.bn_shift <= t.bn_similar
+    similar = probe_ok and bn_ok
+    why_sim = (f"linear-probe accuracy {stats.probe_acc:.2f} ({'>=' if probe_ok else '<'} {t.probe_similar:g}) and "
+               f"BN shift {stats.bn_shift:.2f} ({'<=' if bn_ok else '>'} {t.bn_similar:g})")
+    sim = "similar to ImageNet" if similar else "different from ImageNet"
+    if stats.images_per_class < t.tiny_per_class:
+        return "linear_probe", (f"{size}, {why_sim} ({sim}); fewer than {t.tiny_per_class:g} images/class is too "
+                                f"few to tune the body -> linear_probe")
+    if similar:
+        strategy = "linear_probe" if small else "fine_tune_top"
+    else:
+        strategy = "full"
+    note = " (small and different: gradual unfreezing with low body LRs)" if small and not similar else ""
+    return strategy, f"{size}, {why_sim} ({sim}) -> {strategy}{note}"
+
+
+def choose_strategy(learn, recipe, thresholds: Thresholds = Thresholds(), max_images: int = 400) -> tuple[str, str]:
+    "(strategy, why) for `learn`'s data and model: `scratch` without pretrained weights, else `decide(measure_dataset)`."
+    if not recipe.pretrained:
+        return "scratch", (f"recipe {recipe.name!r} sets pretrained = false: there are no pretrained features to "
+                           "keep, so everything is trained in one one-cycle -> scratch")
+    stats = measure_dataset(learn, max_images=max_images, seed=recipe.seed)
+    strategy, why = decide(stats, thresholds)
+    return strategy, f"{why}; measured on {stats.probe_train}+{stats.probe_valid} images in {stats.seconds:.1f}s"
+
+
+# -- measuring ------------------------------------------------------------------------------------
+
+def measure_dataset(learn, max_images: int = 400, seed: int = 0, bs: int = 64) -> DatasetStats:
+    """Images per class, and the similarity of the data to the pretraining data as seen by the frozen body.
+
+    At most `max_images` training and `max_images // 2` validation images (random, seeded) go once through
+    the model in eval mode without gradients; validation transforms only (no augmentation). The model's
+    weights, BN running statistics and train/eval mode are left as they were.
+    """
+    from timm.utils import unwrap_model
+    t0 = time.perf_counter()
+    dls = learn.dls
+    train_labels = _labels(dls.train_ds)
+    counts = Counter(train_labels)
+    n_classes = int(getattr(dls, "c", None) or len(getattr(dls, "vocab", None) or counts))
+    per_class = [counts.get(k, 0) for k in range(n_classes)]
+    if not train_labels:
+        raise ValueError("measure_dataset: the training set is empty; add training images")
+    model = unwrap_model(learn.model)
+    if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+        raise TypeError(f"measure_dataset needs a timm model (forward_features/forward_head); got "
+                        f"{type(model).__name__}; build it with fastlearn.models.create_model")
+    rng = np.random.default_rng(seed)
+    tr_idx = _pick(len(dls.train_ds), max_images, rng)
+    va_idx = _pick(len(dls.valid_ds), max(1, max_images // 2), rng)
+    bn = _BNShift(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), bn:
+            xtr, ytr = _features(model, _loader(dls, dls.train_ds, tr_idx, bs))
+            xva, yva = _features(model, _loader(dls, dls.valid_ds, va_idx, bs))
+    finally:
+        model.train(was_training)
+    acc = probe_accuracy(xtr, ytr, xva, yva)
+    return DatasetStats(n_train=len(train_labels), n_classes=n_classes, images_per_class=float(np.median(per_class)),
+                        min_per_class=int(min(per_class)), probe_acc=acc, bn_shift=bn.shift(),
+                        probe_train=len(ytr), probe_valid=len(yva), n_bn_layers=len(bn.layers),
+                        seconds=time.perf_counter() - t0)
+
+
+def probe_accuracy(xtr: np.ndarray, ytr: np.ndarray, xva: np.ndarray, yva: np.ndarray, C: float = 1.0) -> float:
+    "Valid accuracy of an L2-regularised logistic regression on standardised features (sklearn)."
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    if len(np.unique(ytr)) < 2:  # one class: the probe is a constant predictor
+        return float(np.mean(yva == ytr[0]))
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=1000))
+    clf.fit(xtr, ytr)
+    return float(clf.score(xva, yva))
+
+
+def _labels(ds) -> list[int]:
+    "Integer training labels without decoding images: fastai `Datasets` through their label pipeline only."
+    if hasattr(ds, "tls"):
+        tl = ds.tls[-1]
+        return [int(tl[i]) for i in range(len(ds))]
+    return [int(ds[i][-1]) for i in range(len(ds))]
+
+
+def _pick(n: int, cap: int, rng: np.random.Generator) -> list[int]:
+    return sorted(rng.choice(n, size=min(n, cap), replace=False).tolist())
+
+
+def _loader(dls, ds, idx: list[int], bs: int):
+    "A DataLoader over `ds[idx]` with the validation transforms (no random crop or augmentation), in order."
+    kw = dict(bs=bs, shuffle=False, drop_last=False)
+    if hasattr(ds, "tls"):  # fastai Datasets: re-run the validation pipeline on the chosen items
+        return dls.test_dl([ds.items[i] for i in idx], with_labels=True, **kw)
+    return dls.valid.new(dataset=[ds[i] for i in idx], **kw)
+
+
+def _features(model: nn.Module, dl) -> tuple[np.ndarray, np.ndarray]:
+    "Pooled pre-logits features (timm) and labels for every batch of `dl`."
+    xs, ys = [], []
+    for xb, yb in dl:
+        xb = xb.as_subclass(torch.Tensor)  # fastai's TensorImage routes every op through __torch_function__: slow
+        xs.append(model.forward_head(model.forward_features(xb), pre_logits=True).flatten(1).float().cpu())
+        ys.append(torch.as_tensor(yb).flatten().cpu())
+    return torch.cat(xs).numpy(), torch.cat(ys).numpy().astype(int)
+
+
+class _BNShift:
+    """Context manager: hooks every BatchNorm with running stats and accumulates the per-channel mean of
+    its input; `shift()` compares it with the stored running mean in units of the running std."""
+
+    def __init__(self, model: nn.Module):
+        self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                       and m.track_running_stats and m.running_mean is not None]
+        self.sums: dict[int, torch.Tensor] = {}
+        self.counts: dict[int, int] = {}
+        self.handles = []
+
+    def _hook(self, i: int):
+        def hook(mod, args):
+            x = args[0].detach().float()
+            dims = [d for d in range(x.dim()) if d != 1]  # all but channels
+            self.sums[i] = self.sums.get(i, 0) + x.sum(dims).cpu()
+            self.counts[i] = self.counts.get(i, 0) + x.numel() // x.shape[1]
+        return hook
+
+    def __enter__(self):
+        self.handles = [m.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(self.layers)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def shift(self) -> float:
+        "Mean over layers of mean_c |mu_new - mu_run| / sqrt(var_run + eps); 0.0 for a model without BN."
+        per_layer = []
+        for i, m in enumerate(self.layers):
+            if i not in self.sums:
+                continue
+            mu = self.sums[i] / self.counts[i]
+            d = (mu - m.running_mean.float().cpu()).abs() / torch.sqrt(m.running_var.float().cpu() + m.eps)
+            per_layer.append(float(d.mean()))
+        return float(np.mean(per_layer)) if per_layer else 0.0
