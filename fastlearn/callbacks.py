@@ -24,6 +24,10 @@ def recipe_callbacks(learn, r, run_dir: Path, total_steps: int | None = None) ->
         cbs.append(GradientClip(r.grad_clip))  # order 11: after MixedPrecision unscales the grads
     if r.grad_accum > 1:  # fastai counts samples, the recipe counts micro-batches
         cbs.append(GradientAccumulation(n_acc=r.grad_accum * learn.dls.train.bs))
+    # --- speed (fastlearn/precision.py): precision (AMP, TF32 on CUDA fp32), channels_last, torch.compile ---
+    from .precision import speed_callbacks
+    cbs += speed_callbacks(learn, r)
+    # --- end speed ---
     # --- resize + EMA + early stopping (fastlearn/resize.py, fastlearn/ema.py) ---
     from .ema import EMA
     from .resize import ProgressiveResize
@@ -43,6 +47,11 @@ def recipe_callbacks(learn, r, run_dir: Path, total_steps: int | None = None) ->
         # learn.path/model_dir, so model_dir points at the run folder: run_dir/best.pth, no stray ./models.
         learn.model_dir = Path(run_dir).absolute()
         cbs.append(SaveModelCallback(monitor="valid_loss", fname="best", with_opt=False, reset_on_fit=False))
-        cbs.append(EarlyStoppingCallback(monitor="valid_loss", patience=r.early_stop, reset_on_fit=False))
+        stop = EarlyStoppingCallback(monitor="valid_loss", patience=r.early_stop, reset_on_fit=False)
+        # fastai's order 63 raises CancelFitException inside after_epoch, which skips the after_epoch of every
+        # later callback (MetricsLog 66, Checkpointer 90): the stopping epoch would be missing from
+        # metrics.csv and the checkpoints. Last among after_epoch handlers instead.
+        stop.order = 100
+        cbs.append(stop)
     # --- end resize + EMA + early stopping ---
     return cbs

@@ -225,14 +225,20 @@ class CheckpointState:
         """Load the weights, the optimizer state and the state of callbacks (`learn.cbs` and `cbs`) that
         have `load_state_dict` into `learn`; the RNGs are put back by `ResumeAt`, at the right moment."""
         load_weights(learn.model, self.weights)
-        if self.state.get("optimizer") is not None:
-            if learn.opt is None:
-                learn.create_opt()
-            learn.opt.load_state_dict(self.state["optimizer"])
+        self.restore_optimizer(learn)
         cb_states = self.state.get("callbacks", {})
         for cb in [*learn.cbs, *cbs]:
             if type(cb).__name__ in cb_states and hasattr(cb, "load_state_dict"):
                 cb.load_state_dict(cb_states[type(cb).__name__])
+
+
+    def restore_optimizer(self, learn) -> None:
+        """Load the optimizer state. fastai's `freeze_to` clears it (Learner.freeze_to calls
+        opt.clear_state()), so call this after the stage's freeze, as the interrupted run had it."""
+        if self.state.get("optimizer") is not None:
+            if learn.opt is None:
+                learn.create_opt()
+            learn.opt.load_state_dict(self.state["optimizer"])
 
 
 def resume_state(run_dir: str | Path, recipe=None) -> CheckpointState:
@@ -397,6 +403,11 @@ class ResumeAt(Callback):
         self.epoch_offset = st.epoch if epoch is None else epoch
         self.stage_epochs = st.stage_epochs if stage_epochs is None else stage_epochs
         self.skip = st.iter if epoch is None else 0
+
+    @property
+    def mid_stage(self) -> bool:
+        "True when the stage had started (its optimizer state must be restored after the stage's freeze)."
+        return bool(self.epoch_offset or self.skip)
 
     def before_train(self):
         # TrainEvalCallback.before_train sets pct_train = epoch / n_epoch with the local n_epoch

@@ -109,13 +109,18 @@ def _doctor(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides after an option (`--data x epochs=3 --out runs`) land here
+        if args.cmd != "train" or any("=" not in x or x.startswith("-") for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     from .errors import FastlearnError
     try:
         return {"recipes": lambda: _recipes(), "train": lambda: _train(args), "lr-find": lambda: _lr_find(args),
                 "doctor": lambda: _doctor(args)}[args.cmd]()
     except (FastlearnError, ValueError, FileNotFoundError, FileExistsError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
         print(f"fastlearn: error: {msg}", file=sys.stderr)
         if os.environ.get("FASTLEARN_DEBUG"):
             raise

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CheckResult", "sanity_check", "Diagnosis", "diagnose", "NEXT_STEPS",
+__all__ = ["CheckResult", "sanity_check", "Diagnosis", "diagnose", "NEXT_STEPS", "doctor_main", "read_epoch_rows",
            "initial_loss_verdict", "overfit_verdict", "generalise_verdict", "balance_verdict",
            "duplicates_verdict", "normalisation_verdict", "trainable_verdict"]
 
@@ -410,3 +410,43 @@ def diagnose(epoch_rows: Sequence[dict], n_classes: int | None = None, improving
                      f"valid loss at its minimum {va[best]:.4f} near the end (epoch {best + 1} of {n}), "
                      f"train/valid gap {va[-1] / max(tr[-1], 1e-12):.2f}x",
                      "augmentation: for more accuracy try stronger augmentation, then more epochs", nums)
+
+
+def read_epoch_rows(path) -> list[dict]:
+    "Per-epoch rows from a run folder's metrics.csv (or the CSV itself), numbers as floats."
+    import csv
+    from pathlib import Path
+    p = Path(path)
+    p = p / "metrics.csv" if p.is_dir() else p
+    if not p.is_file():
+        raise FileNotFoundError(f"no metrics file at {p}; pass a run folder (with metrics.csv) or the CSV path")
+    with open(p, newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    def num(v):
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return v
+    return [{k: num(v) for k, v in r.items()} for r in rows]
+
+
+def doctor_main(data, arch: str = "tf_efficientnet_lite0", recipe="transfer", overrides: dict | list[str] | None = None,
+                n_batches: int = 8, run=None) -> int:
+    """CLI entry: sanity-check a learner built from `recipe` with `arch` on `data` (folder or sample name),
+    print the checks as a table and, with `run` (a run folder or its metrics.csv), the learning-curve
+    diagnosis. Exit code 0 when every check passed, 1 otherwise."""
+    from .progress import summary_table
+    from .recipes import parse_overrides
+    from .training import learner_from_recipe
+    ov = parse_overrides(overrides) if isinstance(overrides, (list, tuple)) else dict(overrides or {})
+    learn, r = learner_from_recipe(data, recipe, {"arch": arch, **ov}, progress=False)
+    results = sanity_check(learn, n_batches=n_batches)
+    failed = [c for c in results if not c.passed]
+    summary_table([c.row() for c in results],
+                  title=f"sanity checks: {r.arch} on {data}: {len(results) - len(failed)} of {len(results)} passed")
+    if run is not None:
+        rows = read_epoch_rows(run)
+        d = diagnose(rows)
+        print(f"learning curves ({len(rows)} epochs): {d.kind}: {d.evidence}\nnext: {d.next_step}", flush=True)
+    return 1 if failed else 0

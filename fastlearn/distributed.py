@@ -17,21 +17,25 @@ they get wrong for us fixed in subclasses (fastai 2.8.12, `fastai/distributed.py
 - `DistributedDL.__len__` counts the batches of the whole dataset (rounded), not of one rank's shard: with
   `drop_last` (fastai's default for training) it reports more batches than a rank yields, so a one-cycle
   schedule stops before its end. `ShardedDL.__len__` counts the shard.
+- The loaders are wrapped for the whole `distributed_ctx` block (fastai wraps them per fit), so what reads
+  `len(learn.dls.train)` before a fit (lr_find's epoch count, progress bars) sees a rank's shard.
 - Shards are strided (torch `DistributedSampler`'s convention), not contiguous: global batch k of a W-rank
   run at per-rank batch b is exactly batch k of a one-process run at batch W*b (the same data order).
-- Validation: fastai shards the validation set, pads it to equal lengths and all-gathers the metrics, which
-  counts padded samples twice and averages per-rank averages (#2636). Here every rank evaluates the whole
-  validation set with no communication: metrics are exact, identical on every rank, and so are the
-  decisions callbacks take from them (early stopping, best checkpoint): ranks cannot diverge into a hang.
+- Validation: fastai shards the validation set and pads it to equal lengths; its unpadding (PR #2729, for
+  #2636) applies to gathered tensors, but `AvgMetric`/`AvgLoss` scalars are averaged over ranks with the
+  padded duplicates included. Here every rank evaluates the whole validation set with no communication
+  (`FullValidDL`), and `RankZeroRecord` gives every rank rank 0's record of the epoch, so metrics are
+  exact and callbacks that read them (early stopping, best checkpoint) decide alike on every rank.
 - `sync_bn`: torch's `convert_sync_batchnorm` turns timm's `BatchNormAct2d` into a plain `SyncBatchNorm`
-  and silently drops its activation; timm's converter keeps it. fastai also leaves the converted model in
-  the Learner after fit (where training then fails without a process group); we put the original modules
-  back (the parameters and statistics are shared, so they hold the trained values).
+  whose forward never calls the activation (on timm's test_efficientnet 9 of 13 such layers carry one);
+  timm's converter keeps it. fastai also leaves the converted model (SyncBatchNorm runs only on CUDA) in
+  the Learner after fit; we put the original modules back (parameters and statistics are shared, so they
+  hold the trained values).
 - Failures: a NaN/Inf training loss on any rank is agreed on by all ranks (one tiny all-gather per step) and
   raises `NonFiniteError` on every rank at the same step, before the bad gradient is averaged into the
-  weights (fastai's `TerminateOnNaNCallback` stops only the rank that saw it, and the others hang). An
-  exception on one rank ends that process; torchrun's elastic agent then stops the others. The process
-  group timeout is the backstop for a rank that hangs without dying.
+  weights (fastai's `TerminateOnNaNCallback` stops only the rank that saw it, and the others wait for it
+  in the next all-reduce). An exception on one rank ends that process; torchrun's elastic agent then stops
+  the others. The process group timeout is the backstop for a rank that hangs without dying.
 """
 from __future__ import annotations
 
@@ -147,7 +151,17 @@ def main_process_first():
 
 # -- data: training shards and the full validation set -----------------------------------------------
 
-class ShardedDL(DistributedDL):
+class _WrappedDL(DistributedDL):
+    @property
+    def rng(self):  # the wrapped loader's shuffle RNG, so `learner_snapshot` (lr_find) saves and restores it
+        return self.dl.rng
+
+    @rng.setter
+    def rng(self, value):
+        self.dl.rng = value
+
+
+class ShardedDL(_WrappedDL):
     "fastai's `DistributedDL` with rank 0's shuffle broadcast on the group's device, strided shards and the shard's length."
 
     def _broadcast(self, t, rank):
@@ -188,7 +202,7 @@ class ShardedDL(DistributedDL):
         return apply(_unpad, b)
 
 
-class FullValidDL(DistributedDL):
+class FullValidDL(_WrappedDL):
     "The whole validation set on every rank, in order, and metrics computed without any all-gather."
 
     def __init__(self, dl, device=None):
@@ -221,36 +235,45 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 class DDPTrainer(DistributedTrainer):
-    """fastai's `DistributedTrainer` (accelerate wraps the model in DDP) with our data loaders, timm-aware
-    SyncBatchNorm, the original model restored after each fit, and non-finite losses agreed on by all ranks."""
+    """fastai's `DistributedTrainer` (accelerate wraps the model in DDP for each fit) with our data loaders,
+    timm-aware SyncBatchNorm, the Learner's own model back after each fit, and non-finite losses agreed on
+    by all ranks. `distributed_ctx` adds it and wraps the loaders for the whole block."""
 
     def __init__(self, sync_bn: bool = False, **kwargs):
         kwargs.setdefault("cpu", dist.get_backend() != "nccl")  # accelerate sees gloo only with cpu=True
         super().__init__(sync_bn=sync_bn, **kwargs)
-        self.orig_model, self.old_dls, self._bns, self._device = None, None, {}, None
+        self.orig_model, self._bns, self.old_dls = None, {}, None
 
-    def before_fit(self):
-        self.orig_model, self.old_dls = self.learn.model, list(self.dls.loaders)
-        if self.sync_bn:
-            from timm.layers import convert_sync_batchnorm
-            self._bns = _bn_modules(self.orig_model)
-            # converts in place below the root (the root itself is returned unless it is a BatchNorm)
-            model = convert_sync_batchnorm(self.orig_model)
-        else:
-            model = self.orig_model
-        self.learn.model = self.accelerator.prepare(model)
-        self._device = next(self.orig_model.parameters()).device
-        self.learn.dls.loaders = [self._wrap_dl(dl, train=i == 0) for i, dl in enumerate(self.old_dls)]
-        if rank():
-            self.learn.logger = lambda *a, **k: None
+    def wrap_dls(self, dls) -> None:
+        "Training loader -> `ShardedDL`, the others -> `FullValidDL`, on this rank's device; idempotent."
+        if self.old_dls is None:
+            self.old_dls = list(dls.loaders)
+            dls.loaders = [self._wrap_dl(dl, train=i == 0) for i, dl in enumerate(self.old_dls)]
+
+    def unwrap_dls(self, dls) -> None:
+        if self.old_dls is not None:
+            dls.loaders, self.old_dls = self.old_dls, None
 
     def _wrap_dl(self, dl, train: bool = True):
         if isinstance(dl, (ShardedDL, FullValidDL)):
             return dl
-        device = self._device
+        # accelerate's device: cuda:LOCAL_RANK under nccl even if the loaders were built before set_device
+        device = self.accelerator.device
         return ShardedDL(dl, device=device) if train else FullValidDL(dl, device=device)
 
-    def before_train(self):
+    def before_fit(self):
+        self.orig_model = self.learn.model
+        if self.sync_bn:
+            from timm.layers import convert_sync_batchnorm
+            self._bns = _bn_modules(self.orig_model)
+            model = convert_sync_batchnorm(self.orig_model)  # in place below the root, sharing parameters
+        else:
+            model = self.orig_model
+        self.learn.model = self.accelerator.prepare(model)
+        if rank():
+            self.learn.logger = lambda *a, **k: None
+
+    def before_train(self):  # loaders passed to fit/validate/get_preds directly are wrapped here
         self.learn.dl = self._wrap_dl(self.learn.dl, train=True)
 
     def before_validate(self):
@@ -266,33 +289,32 @@ class DDPTrainer(DistributedTrainer):
         if bad_ranks:
             raise NonFiniteError(
                 f"non-finite training loss on rank(s) {bad_ranks} of {dist.get_world_size()} at epoch "
-                f"{self.epoch + 1} batch {self.iter + 1}; every rank stops here, before the bad gradient is averaged "
-                f"into the weights. Lower the LR, set grad_clip, or check that rank's data")
+                f"{self.epoch + 1} batch {self.iter + 1}; every rank stops here, before the bad gradient is "
+                f"averaged into the weights. Lower the LR, set grad_clip, or check that rank's data")
 
     def _sweeping(self) -> bool:
         # An LR range test is meant to diverge: its own callback stops it, on every rank at once, because
-        # the smoothed loss it watches is already all-gathered by fastai's Recorder.
+        # the smoothed loss it watches is already all-gathered (averaged) by fastai's Recorder.
         from fastai.callback.schedule import LRFinder
         from .lr_finder import LRSweep
         return any(isinstance(cb, (LRSweep, LRFinder)) for cb in self.learn.cbs)
 
     def after_train(self):
         # DDP keeps the weights equal but not the BatchNorm statistics (each rank updates them with its own
-        # batch after DDP broadcast rank 0's): make every rank validate and save rank 0's.
+        # batch after DDP broadcast rank 0's): every rank validates, and rank 0 saves, rank 0's.
         for b in _unwrap(self.learn.model).buffers():
             dist.broadcast(b.data, 0)
 
     def after_fit(self):
-        self.restore()
+        self.restore_model()
 
-    def restore(self):
-        "Give the Learner back its own model (no DDP, no SyncBatchNorm) and data loaders; idempotent."
+    def restore_model(self) -> None:
+        "Give the Learner back its own model (no DDP, no SyncBatchNorm); idempotent."
         if self.orig_model is not None:
             if self._bns:
                 _put_back(self.orig_model, self._bns)
             self.learn.model = self.orig_model
-            self.learn.dls.loaders = self.old_dls
-        self.orig_model, self.old_dls, self._bns = None, None, {}
+        self.orig_model, self._bns = None, {}
 
 
 class RankZeroRecord(Callback):
@@ -320,7 +342,10 @@ def distributed_ctx(learn, sync_bn: bool = False, timeout_s: float = DEFAULT_TIM
     """Train `learn` with DistributedDataParallel inside the block when launched on several processes
     (torchrun / accelerate launch); do nothing for one process. Only rank 0 shows progress. On any error
     this rank prints which rank failed and re-raises, so its process exits non-zero and torchrun stops the
-    other ranks. `sync_bn`: batch statistics over the global batch (timm's SyncBatchNorm conversion)."""
+    other ranks. `sync_bn`: batch statistics over the global batch (timm's SyncBatchNorm conversion; CUDA only).
+    Inside the block every rank must make the same Learner calls (fit, validate, get_preds, lr_find: fastai
+    fires before_fit for each, and wrapping the model in DDP is a collective); work for rank 0 alone
+    (writing files) goes under `if is_main_process():` with no Learner calls, or after the block."""
     if not init_distributed(timeout_s):
         yield learn
         return
@@ -332,6 +357,7 @@ def distributed_ctx(learn, sync_bn: bool = False, timeout_s: float = DEFAULT_TIM
     learn.remove_cbs(quiet)
     record = RankZeroRecord()
     learn.add_cbs([trainer, record])
+    trainer.wrap_dls(learn.dls)  # for the whole block: len(learn.dls.train) is a shard's everywhere inside
     try:
         yield learn
     except BaseException as e:
@@ -339,6 +365,7 @@ def distributed_ctx(learn, sync_bn: bool = False, timeout_s: float = DEFAULT_TIM
               file=sys.stderr, flush=True)
         raise
     finally:
-        trainer.restore()
+        trainer.restore_model()
+        trainer.unwrap_dls(learn.dls)
         learn.remove_cbs([trainer, record])
         learn.add_cbs(quiet)

@@ -47,6 +47,7 @@ class NonFiniteGuard(Callback):
         self.steps = 0    # training batches seen across fits (used when no Checkpointer counts them)
 
     def _step(self) -> int:
+        "Training batches finished in the run (the Checkpointer's count, which survives a resume)."
         ck = getattr(self.learn, "checkpointer", None)
         return ck.global_step if ck is not None else self.steps
 
@@ -55,22 +56,44 @@ class NonFiniteGuard(Callback):
         lrs = [float(h["lr"]) for h in hs]
         lr = f"{lrs[-1]:.3g}" if min(lrs) == max(lrs) else f"{lrs[-1]:.3g} (head) .. {lrs[0]:.3g} (first group)"
         stage = f"stage {self.stage!r}, " if self.stage else ""
-        return (f"at step {self._step()} ({stage}epoch {self.epoch + 1}, batch {self.iter + 1}/{self.n_iter}) "
+        return (f"at step {self._step() + 1} ({stage}epoch {self.epoch + 1}, batch {self.iter + 1}/{self.n_iter}) "
                 f"with lr {lr}")
+
+    def before_batch(self):
+        # the forward updates BatchNorm running statistics before any loss exists: keep a copy to put back
+        # if this batch turns out non-finite (copies into buffers allocated once, a few KB per norm layer)
+        bufs = list(self.model.buffers())  # num_batches_tracked too: it counts this forward
+        if [b.shape for b in bufs] != [b.shape for b in getattr(self, "_saved", [])]:
+            self._saved = [torch.empty_like(b) for b in bufs]
+        self._bufs = bufs
+        if bufs:
+            torch._foreach_copy_(self._saved, bufs)
+
+    def _restore_buffers(self) -> None:
+        if getattr(self, "_bufs", None):
+            torch._foreach_copy_(self._bufs, self._saved)
 
     def after_loss(self):
         if len(self.yb) == 0:
             return
+        bad = None
         if not is_finite(self.learn.loss_grad):
-            raise NonFiniteError(f"non-finite training loss ({float(self.learn.loss_grad.float().mean())}) "
-                                 f"{self._where()}; the optimizer step was not taken, so the weights are the "
-                                 f"last finite ones. Lower the lr, check the inputs for NaN/Inf, or set grad_clip")
+            bad = f"non-finite training loss ({float(self.learn.loss_grad.detach().float().mean())})"
+        elif self._bufs and not is_finite(torch.cat([b.flatten().float() for b in self._bufs if b.is_floating_point()])):
+            names = [n for n, b in self.model.named_buffers() if b.is_floating_point() and not is_finite(b)]
+            bad = f"non-finite running statistics in {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+        if bad is not None:
+            self._restore_buffers()
+            raise NonFiniteError(f"{bad} {self._where()}; the optimizer step was not taken and the running "
+                                 f"statistics were put back, so the model is the last finite one. Lower the lr, "
+                                 f"check the inputs for NaN/Inf, or set grad_clip")
 
     def before_step(self):
         norm = grad_norm(p for pg in self.opt.param_lists for p in pg)
         if norm is not None and not is_finite(norm):
             raise NonFiniteError(f"non-finite gradient norm ({float(norm)}) {self._where()}; the optimizer step "
-                                 f"was not taken, so the weights are the last finite ones. Lower the lr or set "
+                                 f"was not taken, so the weights are the last finite ones (BatchNorm statistics "
+                                 f"from this batch's forward pass are finite: checked after the loss). Lower the lr or set "
                                  f"grad_clip (the loss was {float(self.learn.loss):.4g})")
 
     def after_batch(self):

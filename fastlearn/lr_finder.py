@@ -51,8 +51,9 @@ def suggest_lrs(lrs, losses, improve: float = 0.02) -> tuple[float, float, float
 
     The curve is cut where the loss becomes non-finite or exceeds 4x its minimum. peak: the end of the
     steepest descent (where the windowed slope of log-loss vs log-LR is still at least half the
-    steepest), never above lr_at_min / 3 so it stays clear of blow-up. start: the first LR whose loss is
-    `improve` (relative) below the initial plateau. Pure, so it is tested on synthetic noisy curves.
+    steepest), never above lr_at_min / 3 so it stays clear of blow-up. start: the LR from which the loss
+    stays `improve` (relative) below the plateau before the descent. The first 5% of points are never taken
+    as the minimum (the smoothed loss is still raw there). Pure, tested on synthetic noisy curves.
     """
     lrs, losses = np.asarray(lrs, float), np.asarray(losses, float)
     if len(lrs) != len(losses) or len(lrs) < 6:
@@ -67,22 +68,23 @@ def suggest_lrs(lrs, losses, improve: float = 0.02) -> tuple[float, float, float
     if cut < 6:
         raise ValueError("the loss diverged within the first 5 steps of the sweep; lower start_lr")
     x, y = np.log10(lrs[:cut]), np.log(losses[:cut])
-    i_min = int(np.argmin(y))
+    skip = max(1, cut // 20)  # the first smoothed values are nearly raw losses: too noisy to be the minimum
+    i_min = skip + int(np.argmin(y[skip:]))
     lr_at_min = float(lrs[i_min])
     slope = _slopes(x, y, w=max(2, cut // 20))
-    region = slope[: i_min + 1]
-    if i_min < 3 or not np.isfinite(region).any() or np.nanmin(region) >= 0:
-        peak = lr_at_min / 10  # no descent seen: an order of magnitude below the minimum (Smith)
+    region = np.full(i_min + 1, np.nan)
+    region[skip:] = slope[skip: i_min + 1]
+    if i_min - skip < 3 or not np.isfinite(region).any() or np.nanmin(region) >= 0:
+        peak, i_steep = lr_at_min / 10, skip  # no descent seen: an order of magnitude below the minimum (Smith)
     else:
-        i_steep = int(np.nanargmin(region))
-        j = i_steep
+        i_steep = j = int(np.nanargmin(region))
         while j + 1 <= i_min and region[j + 1] <= 0.5 * region[i_steep]:
             j += 1
         peak = float(min(lrs[j], lr_at_min / 3))
-    head = y[: max(3, cut // 20)]
-    level = float(np.median(head))
-    below = np.nonzero(y < level + math.log(1 - improve))[0]
-    start = float(lrs[below[0]]) if len(below) else peak / 10
+    # start: where the final descent leaves the plateau (the level before the steepest point) for good
+    level = float(np.median(y[: i_steep + 1]))
+    above = np.nonzero(y[: i_min + 1] >= level + math.log(1 - improve))[0]
+    start = float(lrs[min(above[-1] + 1, i_min)]) if len(above) else float(lrs[0])
     return peak, min(start, peak), lr_at_min, diverged
 
 

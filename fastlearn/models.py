@@ -15,7 +15,7 @@ from torch import nn
 
 from .errors import LabelRangeError, UnknownArchError, WeightsError
 
-__all__ = ["create_model", "load_offline_weights", "offline_weights_path", "OFFLINE_WEIGHTS", "OfflineWeights",
+__all__ = ["create_model", "check_arch", "load_offline_weights", "offline_weights_path", "OFFLINE_WEIGHTS", "OfflineWeights",
            "model_stats", "model_input_size", "is_convolutional", "check_head", "model_n_out", "classifier_param_names",
            "unwrap_model"]
 
@@ -44,7 +44,7 @@ OFFLINE_WEIGHTS: dict[str, OfflineWeights] = {
 _SAFE_ARCH = "tf_efficientnet_lite0"  # the arch we point users to when the hub is out of reach
 
 
-def _check_arch(arch: str) -> None:
+def check_arch(arch: str) -> None:
     "Raise UnknownArchError, with the closest timm names, when timm does not know `arch` (a `.tag` suffix is allowed)."
     if isinstance(arch, str) and timm.is_model(arch):
         return
@@ -144,7 +144,7 @@ def _load_local_weights(model: nn.Module, path: Path) -> None:
 def create_model(arch: str, n_out: int | None, pretrained: bool = True, drop_rate: float | None = None,
                  drop_path_rate: float | None = None, weights: str | Path | None = None) -> nn.Module:
     "Any timm arch by name, pretrained (or from local `weights`), with a new `n_out`-class head (None: keep the old)."
-    _check_arch(arch)
+    check_arch(arch)
     if n_out is not None and (isinstance(n_out, bool) or not isinstance(n_out, int) or n_out < 1):
         raise ValueError(f"n_out={n_out!r} must be a positive number of classes, or None to keep the pretrained head")
     _check_rate("drop_rate", drop_rate)
@@ -178,7 +178,7 @@ def create_model(arch: str, n_out: int | None, pretrained: bool = True, drop_rat
 
 def _pretrained_cfg(arch: str) -> PretrainedCfg | None:
     "timm's pretrained_cfg for `arch` (default tag unless one is given), or None when timm has none."
-    _check_arch(arch)
+    check_arch(arch)
     return timm.get_pretrained_cfg(arch)
 
 

@@ -19,9 +19,9 @@ from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 
-__all__ = ["choose_precision", "set_tf32", "amp_callbacks", "precision_callbacks", "speed_callbacks", "SkippedSteps", "TF32",
-           "use_channels_last", "ChannelsLastBatch", "CompileAfterUnfreeze", "trainable_layer_groups",
-           "learner_device"]
+__all__ = ["choose_precision", "set_tf32", "amp_callbacks", "precision_callbacks", "speed_callbacks",
+           "SkippedSteps", "TF32", "use_channels_last", "ChannelsLastBatch", "CompileAfterUnfreeze",
+           "trainable_layer_groups", "learner_device"]
 
 Precision = Literal["fp32", "bf16", "fp16"]
 _REQUESTS = ("auto", "fp32", "bf16", "fp16")
@@ -59,9 +59,10 @@ def choose_precision(requested: str = "auto", device: torch.device | str | None 
 
 
 def set_tf32(enabled: bool = True) -> tuple[str, bool]:
-    """Let fp32 matmuls and cuDNN convolutions use TF32 tensor cores (Ampere and newer; a no-op on CPU).
+    """Let fp32 matmuls and cuDNN convolutions use TF32 tensor cores (Ampere and newer GPUs).
 
-    Returns the previous (matmul precision, cudnn.allow_tf32) so a caller can restore it with `_restore_tf32`.
+    Process-wide torch state: returns the previous (matmul precision, cudnn.allow_tf32) so the caller can
+    put it back, as the `TF32` callback does after each fit.
     """
     prev = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
     torch.set_float32_matmul_precision("high" if enabled else "highest")
@@ -158,6 +159,7 @@ def _to_channels_last(x):
 class ChannelsLastBatch(ChannelsLast):
     """fastai's `ChannelsLast` (model weights to NHWC before fit) that also converts each 4-d input batch,
     so the first convolution does not get a layout conversion per step (fastai converts the model only)."""
+    order = 1  # after callbacks that replace the batch (ProgressiveResize -1, MixUp/CutMix 0)
 
     def before_batch(self):
         self.learn.xb = tuple(_to_channels_last(x) for x in self.xb)
@@ -186,7 +188,7 @@ class CompileAfterUnfreeze(Callback):
     found compiled models could not be re-frozen; in torch 2.x now dynamo guards on `requires_grad`, so
     a later freeze recompiles instead of training frozen weights (tests/test_precision.py checks this).
     """
-    order = ChannelsLast.order + 1  # after the weights are in their final memory format
+    order = ChannelsLastBatch.order + 1  # after the weights are in their final memory format
 
     def __init__(self, final_trainable: int | None = None, backend: str = "inductor", mode: str | None = None):
         self.final_trainable, self.backend, self.mode = final_trainable, backend, mode

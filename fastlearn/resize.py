@@ -34,7 +34,7 @@ class ProgressiveResize(Callback):
     without it, `pos` falls back to fastai's `learn.pct_train`, the position within the current fit.
     `sizes` holds the training size of every training batch, in order.
     """
-    order = 5  # before MixUp/CutMix (90) so they mix the resized batch; after TrainEval (-10)
+    order = -1  # before MixUp/CutMix (0): they mix the smaller batch; after ResumeAt (-5) skips finished batches
 
     def __init__(self, start: int, final: int, ramp: tuple[float, float] = (0.0, 0.75), multiple: int = 32,
                  valid_size: int | None = None,  # px; None = final

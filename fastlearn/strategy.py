@@ -11,6 +11,7 @@ its running statistics were collected on?). `decide` is the pure rule; `measure_
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["DatasetStats", "Thresholds", "measure_dataset", "decide", "choose_strategy", "STRATEGIES"]
+__all__ = ["DatasetStats", "Thresholds", "measure_dataset", "probe_accuracy", "decide", "choose_strategy", "STRATEGIES"]
 
 STRATEGIES = ("linear_probe", "fine_tune_top", "full", "scratch")  # what `decide`/`choose_strategy` return
 
@@ -32,7 +33,8 @@ class DatasetStats:
     images_per_class: float               # median training images per class
     min_per_class: int                    # training images of the rarest class
     probe_acc: float                      # valid accuracy of a linear classifier on frozen pooled features, [0, 1]
-    bn_shift: float                       # mean over BN layers of mean_c |mu_new - mu_run| / sqrt(var_run + eps)
+    bn_shift: float                       # mean over BN layers of mean_c |mu_new - mu_run| / sqrt(var_run + eps);
+                                          # nan for a model without BatchNorm (ViT, ConvNeXt): no evidence
     probe_train: int = 0                  # images the probe was fit on (a capped subset)
     probe_valid: int = 0                  # images the probe was scored on
     n_bn_layers: int = 0                  # BatchNorm layers the shift was averaged over (0: model has none)
@@ -73,10 +75,12 @@ def decide(stats: DatasetStats, thresholds: Thresholds = Thresholds()) -> tuple[
     t = thresholds
     small = stats.images_per_class < t.small_per_class
     size = f"{stats.images_per_class:g} images/class ({'small' if small else 'large'}, cut at {t.small_per_class:g})"
-    probe_ok, bn_ok = stats.probe_acc >= t.probe_similar, stats.bn_shift <= t.bn_similar
+    no_bn = math.isnan(stats.bn_shift)
+    probe_ok, bn_ok = stats.probe_acc >= t.probe_similar, no_bn or stats.bn_shift <= t.bn_similar
     similar = probe_ok and bn_ok
-    why_sim = (f"linear-probe accuracy {stats.probe_acc:.2f} ({'>=' if probe_ok else '<'} {t.probe_similar:g}) and "
-               f"BN shift {stats.bn_shift:.2f} ({'<=' if bn_ok else '>'} {t.bn_similar:g})")
+    why_sim = f"linear-probe accuracy {stats.probe_acc:.2f} ({'>=' if probe_ok else '<'} {t.probe_similar:g}) and " + (
+        "no BatchNorm layers to compare (the probe decides)" if no_bn else
+        f"BN shift {stats.bn_shift:.2f} ({'<=' if bn_ok else '>'} {t.bn_similar:g})")
     sim = "similar to ImageNet" if similar else "different from ImageNet"
     if stats.images_per_class < t.tiny_per_class:
         return "linear_probe", (f"{size}, {why_sim} ({sim}); fewer than {t.tiny_per_class:g} images/class is too "
@@ -211,7 +215,7 @@ class _BNShift:
         self.handles = []
 
     def shift(self) -> float:
-        "Mean over layers of mean_c |mu_new - mu_run| / sqrt(var_run + eps); 0.0 for a model without BN."
+        "Mean over layers of mean_c |mu_new - mu_run| / sqrt(var_run + eps); nan for a model without BN."
         per_layer = []
         for i, m in enumerate(self.layers):
             if i not in self.sums:
@@ -219,4 +223,4 @@ class _BNShift:
             mu = self.sums[i] / self.counts[i]
             d = (mu - m.running_mean.float().cpu()).abs() / torch.sqrt(m.running_var.float().cpu() + m.eps)
             per_layer.append(float(d.mean()))
-        return float(np.mean(per_layer)) if per_layer else 0.0
+        return float(np.mean(per_layer)) if per_layer else float("nan")

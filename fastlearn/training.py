@@ -172,7 +172,9 @@ def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, over
         for cb in [trace, log, guard] + [c for c in learn.cbs if hasattr(c, "stage")]:
             cb.stage = name
         ckpt.stage_index = i
-        learn.freeze_top(st.n_trainable)
+        learn.freeze_top(st.n_trainable)  # fastai's freeze_to clears the optimizer state
+        if resume_cb and resume_cb[0].mid_stage:  # mid-stage: the state the interrupted stage had built up
+            resume_cb[0].st.restore_optimizer(learn)
         hi = peak * st.lr_mult
         lr = slice(hi / r.lr_ratio, hi) if st.n_trainable > 1 else hi
         ts = time.perf_counter()
@@ -247,7 +249,9 @@ def learner_from_recipe(data: str | Path, recipe="transfer", overrides: dict | l
     from .data import image_dls
     from .learner import transfer_learner
     from .sample import is_sample_name, sample
+    from .models import check_arch
     r = load_recipe(recipe, overrides)
+    check_arch(r.arch)
     path = sample(str(data)) if is_sample_name(str(data)) and not Path(data).exists() else Path(data)
     set_seed(r.seed, reproducible=True)
     dls = image_dls(path, size=r.size, bs=r.bs, valid_pct=r.valid_pct, seed=r.seed, arch=r.arch,

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import fastai.callback.schedule  # noqa: F401  (Learner.fit_one_cycle)
 from fastai.callback.core import Callback
+from fastai.callback.progress import ProgressCallback
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
@@ -29,11 +30,12 @@ FAIL_AT = 3  # training batch at which rank 1 fails
 
 
 def data(seed: int = 0):
-    "Train and valid (x, y) pairs: 3x8x8 noise labelled by a random linear teacher, so accuracy stays < 1."
+    "Train and valid (x, y) pairs: 3x8x8 noise, each class lifting its own channel a little (learnable, not trivial)."
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(N_TRAIN + N_VALID, 3, 8, 8, generator=g)
-    w = torch.randn(3 * 8 * 8, 3, generator=g)
-    y = (x.flatten(1) @ w + torch.randn(len(x), 3, generator=g)).argmax(1)
+    n = N_TRAIN + N_VALID
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = torch.randn(n, 3, 8, 8, generator=g)
+    x[torch.arange(n), y] += 0.3
     pairs = list(zip(x, y))
     return pairs[:N_TRAIN], pairs[N_TRAIN:]
 
@@ -81,6 +83,7 @@ def resnet_learner(bs: int):
 def train(out: Path) -> None:
     from fastai.distributed import teardown_distrib
     from fastlearn.checkpoint import save_weights
+    from fastlearn.lr_finder import lr_find
     from fastlearn.distributed import (broadcast_object, distributed_ctx, init_distributed, is_main_process,
                                        main_process_first, rank, world_size)
     from fastlearn.training import new_run_dir
@@ -93,13 +96,22 @@ def train(out: Path) -> None:
     learn = mlp_learner(GLOBAL_BS // W, [seen])
     with distributed_ctx(learn):
         learn.fit_one_cycle(EPOCHS, LR)
+        values = [list(map(float, v)) for v in learn.recorder.values]  # validate() below resets the record
         final = [float(v) for v in learn.validate()]
-    dump = {"state": learn.model.state_dict(), "seen": seen.epochs, "values": [list(map(float, v)) for v in
-            learn.recorder.values], "validate": final, "run_dir": str(run_dir), "n_batches": seen.n_batches}
+    dump = {"state": learn.model.state_dict(), "seen": seen.epochs, "values": values, "validate": final,
+            "run_dir": str(run_dir), "n_batches": seen.n_batches}
     if is_main_process():
         save_weights(learn.model, run_dir / "model.safetensors")
         with open(run_dir / "metrics.csv", "w", newline="") as f:
             csv.writer(f).writerows(dump["values"])
+    probe = mlp_learner(GLOBAL_BS // W)
+    probe.remove_cb(ProgressCallback)  # one progress table in the log: the training's
+    with distributed_ctx(probe):
+        before = {k: v.clone() for k, v in probe.model.state_dict().items()}
+        found = lr_find(probe, num_it=40)
+        dump["lr_find"] = {"peak": broadcast_object(found.peak), "own_peak": found.peak, "lrs": found.lrs,
+                           "losses": found.losses, "diverged": found.diverged,
+                           "restored": all(torch.equal(before[k], v) for k, v in probe.model.state_dict().items())}
     rn = resnet_learner(16 // W)
     with distributed_ctx(rn):  # BatchNorm without sync_bn (SyncBatchNorm needs CUDA)
         rn.fit(1, 0.05)

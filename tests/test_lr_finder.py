@@ -140,3 +140,12 @@ def test_snapshot_restores_on_exception():
                 learn.model[0].weight.add_(1.0)
             raise RuntimeError("boom")
     assert_bitwise_equal(w0, state(learn)[0])
+
+
+def test_early_noise_is_not_the_minimum_nor_the_start():
+    "A bump in the first smoothed points (as from a random head) must not pull the suggestions to start_lr."
+    lrs = np.geomspace(1e-7, 10, 92)
+    losses = synthetic_curve(lrs, good=2e-2, blow=5e-1)
+    losses[:4] = [1.0, 2.5, 2.5, 2.45]          # first point happens to be low, then a bump
+    peak, start, at_min, _ = suggest_lrs(lrs, losses)
+    assert 1e-3 <= start < peak <= at_min / 3 and peak >= 5e-3

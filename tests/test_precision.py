@@ -155,6 +155,8 @@ def test_channels_last_callback_converts_model_and_batch():
     w = next(m.weight for m in learn.model.modules() if isinstance(m, torch.nn.Conv2d))
     assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
     assert seen and all(seen)
+    from fastlearn.resize import ProgressiveResize     # a resized batch is converted, not the original
+    assert ChannelsLastBatch.order > ProgressiveResize.order
 
 
 # -- torch.compile across unfreezing -------------------------------------------------------------
@@ -196,6 +198,7 @@ def _compile_then_unfreeze(backend: str):
     return learn
 
 
+@pytest.mark.slow
 def test_compile_after_unfreeze_keeps_frozen_weights():
     "dynamo + AOTAutograd (what decides which weights get gradients) without the C++ code generation."
     _compile_then_unfreeze("aot_eager")

@@ -115,6 +115,28 @@ def test_low_resolution_run_costs_fewer_flops():
     assert flops["progressive"] / flops["fixed"] > pixel_ratio * 0.9  # validation runs at full size in both
 
 
+def test_resizes_before_mixup_mixes():
+    "MixUp (order 0) gets the already shrunk batch: mixing full-size images would cost full-size memory."
+    from fastai.callback.core import Callback
+    from fastai.callback.mixup import MixUp
+
+    class Probe(Callback):
+        order = MixUp.order - 0.5
+
+        def __init__(self):
+            self.hw = []
+
+        def before_batch(self):
+            if self.training:
+                self.hw.append(self.learn.xb[0].shape[-1])
+
+    learn = _learner()
+    probe = Probe()
+    cb = ProgressiveResize(START, START, total_steps=len(learn.dls.train))
+    learn.fit(1, 1e-3, cbs=[MixUp(0.4), probe, cb])
+    assert probe.hw == [START] * len(learn.dls.train)
+
+
 def test_resize_batch():
     x = torch.rand(2, 3, 32, 32)
     assert resize_batch(x, 32) is x

@@ -1,0 +1,24 @@
+"""Progress: one plain line per epoch where output is not a terminal, never a bar redraw; final table."""
+import io
+
+from fastlearn.learner import transfer_learner
+from fastlearn.progress import EpochProgress, summary_table
+from conftest import synthetic_dls
+
+
+def test_plain_lines_when_not_a_terminal(capsys):
+    learn = transfer_learner(synthetic_dls(), "test_resnet", pretrained=False, progress=False)
+    buf = io.StringIO()
+    learn.add_cb(EpochProgress(stream=buf))
+    assert not learn.cbs.filter(lambda c: type(c).__name__ == "ProgressCallback")  # fastprogress removed
+    learn.fit_stage(3, 1e-3)
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 3
+    assert all(l.startswith(f"epoch {i + 1}/3 ") and "valid_loss" in l and "accuracy" in l for i, l in enumerate(lines))
+    assert "\r" not in buf.getvalue() and "\x1b" not in buf.getvalue()
+    assert capsys.readouterr().out == ""        # fastai's Recorder printed nothing either
+
+
+def test_summary_table_text(capsys):
+    text = summary_table([{"stage": "head", "accuracy": 0.9}, {"stage": "all", "accuracy": 0.975}], title="t")
+    assert "head" in text and "0.9750" in text and "\x1b" not in text

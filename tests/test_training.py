@@ -1,0 +1,45 @@
+"""Run orchestration: strategies as stage plans, run folders that never overwrite, outputs written."""
+import csv
+import json
+
+import pytest
+
+from fastlearn.recipes import load_recipe
+from fastlearn.training import new_run_dir, stage_plan
+
+
+def test_stage_plans_follow_the_2x2_table():
+    r = load_recipe("transfer", {"unfreeze_step": 2, "head_epochs": 1, "unfreeze_epochs": 1, "epochs": 2})
+    assert [s.n_trainable for s in stage_plan(r, 7, "linear_probe")] == [1]
+    top = stage_plan(r, 7, "fine_tune_top")
+    assert top[-1].n_trainable == 4 < 7                       # later groups only
+    full = stage_plan(r, 7, "full")
+    assert [s.n_trainable for s in full] == [1, 3, 5, 7] and full[-1].epochs == 2
+    assert [s.n_trainable for s in stage_plan(r, 7, "scratch")] == [7]
+    with pytest.raises(ValueError, match="unknown strategy"):
+        stage_plan(r, 7, "nope")
+
+
+def test_new_run_dir_never_reuses(tmp_path):
+    a = new_run_dir(tmp_path, "x")
+    (a / "model.safetensors").write_bytes(b"keep")
+    b = new_run_dir(tmp_path, "x")
+    assert a != b and (a / "model.safetensors").read_bytes() == b"keep"
+
+
+def test_run_outputs(image_folder, tmp_path):
+    from fastlearn.training import learner_from_recipe, run_recipe
+    learn, r = learner_from_recipe(image_folder, "transfer", {"arch": "test_resnet", "pretrained": False, "size": 32,
+                                                                "bs": 8, "lr": 3e-3, "epochs": 2}, progress=False)
+    res = run_recipe(learn, r, run_dir=tmp_path / "run")
+    d = tmp_path / "run"
+    rows = list(csv.DictReader(open(d / "metrics.csv")))
+    assert len(rows) == sum(s["epochs"] for s in res.stages)
+    assert {"stage", "train_loss", "valid_loss", "accuracy"} <= set(rows[0])
+    trace = list(csv.DictReader(open(d / "trace.csv")))
+    assert len(trace) == len(rows) * len(learn.dls.train)     # one row per optimizer step
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["accuracy"] == pytest.approx(res.accuracy) and summary["strategy"] == "full"
+    for png in ("loss.png", "schedule.png"):
+        assert (d / png).stat().st_size > 10_000
+    assert not (d / "lr_find.png").exists()                   # lr given: no range test
