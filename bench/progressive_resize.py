@@ -81,7 +81,8 @@ def main():
     for name in ("fixed", "progressive"):
         acc, seconds, by_size, sizes = run(args, name == "progressive")
         results[name] = (acc, seconds)
-        steps = ", ".join(f"{s}px: {len(v)} steps x {sum(v) / len(v) * 1000:.0f} ms" for s, v in sorted(by_size.items()))
+        steps = ", ".join(f"{s}px: {len(v)} steps x {sum(v) / len(v) * 1000:.0f} ms"
+                          for s, v in sorted(by_size.items()))
         print(f"{name:12s} total {seconds:6.1f}s  accuracy {acc:.4f}  per-step ({steps})", flush=True)
     (acc_f, t_f), (acc_p, t_p) = results["fixed"], results["progressive"]
     print(f"time_ratio={t_p / t_f:.3f} acc_fixed={acc_f:.3f} acc_progressive={acc_p:.3f}")

@@ -1,9 +1,9 @@
-"""Random search with successive-halving pruning vs the same trials run in full, on the digits sample.
+"""Random search with successive-halving pruning vs the same number of trials run in full, on the digits sample.
 
-Both arms sample the same configurations (same sampler seed, two rounds, the second narrowed around the
-first round's best): LR, weight decay, batch size and dropout of a from-scratch `test_resnet` at 32 px
-(a tiny timm ResNet, so a trial takes seconds on a CPU). Prints each arm's best validation accuracy,
-epochs trained and wall time; the last line is
+Both arms search LR, weight decay, batch size and dropout of a from-scratch `test_resnet` at 32 px (a tiny
+timm ResNet, so an epoch takes seconds on a CPU) in two rounds with the same sampler seed: round 1 draws
+the same configurations in both arms, round 2 narrows around each arm's own best finished trials.
+Prints each arm's best validation accuracy, epochs trained, wall and CPU time; the last line is
 `pruned best=<acc> time=<s> | full best=<acc> time=<s>`.
 
     python bench/search_digits.py [--trials 8] [--epochs 3] [--threads 1]
@@ -50,7 +50,8 @@ def main() -> None:
             out[name] = (res.best_value, secs)
             print(f"{name}: best accuracy {res.best_value:.4f} (trial {res.best_trial}: lr {res.best.lr:.2e}, "
                   f"wd {res.best.wd:.2e}, bs {res.best.bs}, drop_rate {res.best.drop_rate:.2f}); "
-                  f"{res.n_pruned} of {len(res.rows)} trials pruned; {res.epochs_run} epochs; {secs:.1f}s wall, {cpu:.1f}s CPU", flush=True)
+                  f"{res.n_pruned} of {len(res.rows)} trials pruned; {res.epochs_run} epochs; "
+                  f"{secs:.1f}s wall, {cpu:.1f}s CPU", flush=True)
             for r in res.rows:
                 print(f"  trial {r['trial']} round {r['round']} {r['state']:8s} lr {r['lr']:.2e} wd {r['wd']:.2e} "
                       f"bs {r['bs']} drop {r['drop_rate']:.2f} epochs {r['epochs']} acc {r['accuracy']:.4f} "

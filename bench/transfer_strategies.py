@@ -36,6 +36,8 @@ def main():
     p.add_argument("--head-epochs", type=int, default=1)
     p.add_argument("--unfreeze-epochs", type=int, default=0, help="0 drops the intermediate unfreezing stages")
     p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--stage-lr-mult", type=float, default=None,
+                   help="peak LR multiplier per deeper stage (default: the recipe's; it compounds over dropped stages)")
     p.add_argument("--flip", action="store_true", help="horizontal flips (off: a flipped digit is another digit)")
     p.add_argument("--presets", default=",".join(PRESETS))
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -44,6 +46,8 @@ def main():
         torch.set_num_threads(a.threads)  # on a shared CPU, 1 thread avoids OpenMP threads waiting on each other
     ov = dict(size=a.size, bs=a.bs, flip=a.flip, head_epochs=a.head_epochs, unfreeze_epochs=a.unfreeze_epochs,
               epochs=a.epochs)
+    if a.stage_lr_mult is not None:
+        ov["stage_lr_mult"] = a.stage_lr_mult
     ov.update(lr=a.lr, lr_find=False) if a.lr > 0 else ov.update(lr_find=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="fastlearn-strategies-") as root:
@@ -55,6 +59,7 @@ def main():
     print(f"data {a.data}, tf_efficientnet_lite0 (offline ImageNet weights), {a.size} px, bs {a.bs}, flip {a.flip}, "
           f"CPU x{torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"CUT-DOWN SCHEDULE: head_epochs={a.head_epochs} unfreeze_epochs={a.unfreeze_epochs} epochs={a.epochs}, "
+          f"stage_lr_mult={a.stage_lr_mult if a.stage_lr_mult is not None else 'recipe'}, "
           + (f"fixed peak lr={a.lr:g} (no lr_find)" if a.lr > 0 else "lr_find") + "; not the presets' full budgets")
     print(f"{'preset':<16}{'strategy':<15}{'val acc':>9}{'time s':>9}")
     for name, strat, acc, secs, _ in rows:

@@ -35,7 +35,8 @@ def recipe_callbacks(learn, r, run_dir: Path, total_steps: int | None = None) ->
     if r.resize_start or valid_size != r.size:  # the dls load at max(size, valid_size); shrink on the device
         if total_steps is None and r.strategy != "auto":
             from .training import stage_plan
-            total_steps = sum(st.epochs for st in stage_plan(r, learn.n_layer_groups, r.strategy)) * len(learn.dls.train)
+            epochs = sum(st.epochs for st in stage_plan(r, learn.n_layer_groups, r.strategy))
+            total_steps = epochs * len(learn.dls.train)
         cbs.append(ProgressiveResize(start=r.resize_start or r.size, final=r.size, ramp=r.resize_ramp,
                                      multiple=r.resize_multiple, valid_size=valid_size, total_steps=total_steps))
     if r.ema:

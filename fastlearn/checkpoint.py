@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 from fastai.callback.core import Callback, CancelBatchException
+from fastai.torch_core import rank_distrib
 from torch import nn
 
 from .errors import CheckpointError
@@ -312,6 +313,9 @@ class Checkpointer(Callback):
             return
         self.global_step += 1
         done = self.iter + 1
+        ga = getattr(self.learn, "gradient_accumulation", None)
+        if ga is not None and ga.count:  # gradients are mid-accumulation: not a state a checkpoint can hold
+            return
         if self.every_steps and self.global_step % self.every_steps == 0 and done < self.n_iter:
             self.save(epoch=self.epoch + self._offset(), iter=done)
 
@@ -359,6 +363,9 @@ class Checkpointer(Callback):
             "extra": self.extra_state() if self.extra_state else {},
         }
         state = plain(state)
+        if rank_distrib() != 0:  # one writer; every rank keeps the same counters
+            self.history, self.best = history, best
+            return self.dir / f"{name}.pt"
         try:
             save_weights(self.model, self.dir / f"{name}.safetensors")
             atomic_write(self.dir / f"{name}.pt", lambda tmp: torch.save(state, tmp))

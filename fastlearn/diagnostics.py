@@ -11,6 +11,7 @@ that measure a Learner only gather the numbers.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -248,20 +249,16 @@ def _mean_loss_acc(model, batches) -> tuple[float, float]:
     return sum(losses) / max(1, n), correct / max(1, n)
 
 
+@contextlib.contextmanager
 def _restore_grads(model: nn.Module):
-    "Context: remember requires_grad of every parameter and put it back on exit."
-    import contextlib
-
-    @contextlib.contextmanager
-    def ctx():
-        flags = [p.requires_grad for p in model.parameters()]
-        try:
-            yield
-        finally:
-            for p, f in zip(model.parameters(), flags):
-                p.requires_grad_(f)
-                p.grad = None
-    return ctx()
+    "Put every parameter's requires_grad back on exit (learner_snapshot restores values, not freezing)."
+    flags = [p.requires_grad for p in model.parameters()]
+    try:
+        yield
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+            p.grad = None
 
 
 def sanity_check(learn, n_batches: int = 8, overfit_batches: int = 5, overfit_steps: int = 40,
@@ -270,9 +267,10 @@ def sanity_check(learn, n_batches: int = 8, overfit_batches: int = 5, overfit_st
     """Run every sanity check on `learn` and restore it exactly (weights, optimizer, RNGs, data order).
 
     The initial-loss check re-initialises the head and measures plain cross-entropy (no label smoothing)
-    in eval mode (no dropout; BatchNorm does not hide unnormalised inputs). The overfit check trains
-    every parameter of a copy of the state on `overfit_batches` fixed training batches with Adam for
-    `overfit_steps` steps; the learnable-labels check then evaluates that model on validation batches.
+    in eval mode (no dropout; BatchNorm does not hide unnormalised inputs). The overfit check then trains
+    every parameter (frozen ones too) on `overfit_batches` fixed training batches with its own Adam for
+    `overfit_steps` steps; the learnable-labels check evaluates that model on validation batches. All of
+    it runs inside `learner_snapshot`, so the learner's weights, freezing and optimizer come back as found.
     """
     from .lr_finder import learner_snapshot
     model, dls = learn.model, learn.dls
@@ -431,16 +429,18 @@ def read_epoch_rows(path) -> list[dict]:
     return [{k: num(v) for k, v in r.items()} for r in rows]
 
 
-def doctor_main(data, arch: str = "tf_efficientnet_lite0", recipe="transfer", overrides: dict | list[str] | None = None,
+def doctor_main(data, arch: str = "tf_efficientnet_lite0", size: int | None = None, bs: int | None = None,
+                pretrained: bool | None = None, recipe="transfer", overrides: dict | list[str] | None = None,
                 n_batches: int = 8, run=None) -> int:
-    """CLI entry: sanity-check a learner built from `recipe` with `arch` on `data` (folder or sample name),
-    print the checks as a table and, with `run` (a run folder or its metrics.csv), the learning-curve
-    diagnosis. Exit code 0 when every check passed, 1 otherwise."""
+    """CLI entry: sanity-check a learner built from `recipe` with `arch` (and `size`, `bs`, `pretrained`
+    when given) on `data` (folder or sample name), print the checks as a table and, with `run` (a run
+    folder or its metrics.csv), the learning-curve diagnosis. Exit code 0 when every check passed, else 1."""
     from .progress import summary_table
     from .recipes import parse_overrides
     from .training import learner_from_recipe
     ov = parse_overrides(overrides) if isinstance(overrides, (list, tuple)) else dict(overrides or {})
-    learn, r = learner_from_recipe(data, recipe, {"arch": arch, **ov}, progress=False)
+    given = {k: v for k, v in (("size", size), ("bs", bs), ("pretrained", pretrained)) if v is not None}
+    learn, r = learner_from_recipe(data, recipe, {"arch": arch, **given, **ov}, progress=False)
     results = sanity_check(learn, n_batches=n_batches)
     failed = [c for c in results if not c.passed]
     summary_table([c.row() for c in results],

@@ -59,7 +59,7 @@ __all__ = ["distributed_ctx", "init_distributed", "is_distributed", "is_main_pro
            "broadcast_object", "main_process_first", "global_batch_size", "ShardedDL", "FullValidDL",
            "DDPTrainer", "RankZeroRecord"]
 
-DEFAULT_TIMEOUT_S = 1800.0  # torch's own default: long enough for rank 0 to write a run folder or a plot
+DEFAULT_TIMEOUT_S = 1800.0  # 30 min, torch's gloo default: the longest a rank waits for the others in a collective
 
 
 def _group_up() -> bool:

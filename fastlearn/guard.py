@@ -94,7 +94,7 @@ class NonFiniteGuard(Callback):
             raise NonFiniteError(f"non-finite gradient norm ({float(norm)}) {self._where()}; the optimizer step "
                                  f"was not taken, so the weights are the last finite ones (BatchNorm statistics "
                                  f"from this batch's forward pass are finite: checked after the loss). Lower the lr or set "
-                                 f"grad_clip (the loss was {float(self.learn.loss):.4g})")
+                                 f"grad_clip (the loss was {float(self.learn.loss.detach()):.4g})")
 
     def after_batch(self):
         if len(self.yb):

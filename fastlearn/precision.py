@@ -168,7 +168,8 @@ class ChannelsLastBatch(ChannelsLast):
 # -- torch.compile -------------------------------------------------------------------------------
 
 def trainable_layer_groups(learn) -> int:
-    "How many layer groups (from the top) are trainable now, from the optimizer's `frozen_idx`."
+    """How many layer groups (from the top) are trainable now, from the optimizer's `frozen_idx`
+    (a learner without a `group_map` counts as one group; one without an optimizer yet is unfrozen)."""
     gmap = getattr(learn, "group_map", None)
     opt = getattr(learn, "opt", None)
     if gmap is None or opt is None:
@@ -185,8 +186,8 @@ class CompileAfterUnfreeze(Callback):
 
     The module is compiled in place (`nn.Module.compile`), so `learn.model` stays the original module:
     state_dict keys, layer groups, `freeze_top` and saving are unchanged. fastai PR #3899 (torch 2.0)
-    found compiled models could not be re-frozen; in torch 2.x now dynamo guards on `requires_grad`, so
-    a later freeze recompiles instead of training frozen weights (tests/test_precision.py checks this).
+    found compiled models could not be re-frozen; with torch 2.14 dynamo guards on `requires_grad`, so a
+    later freeze recompiles rather than training frozen weights (tests/test_precision.py checks both).
     """
     order = ChannelsLastBatch.order + 1  # after the weights are in their final memory format
 

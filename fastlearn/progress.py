@@ -41,11 +41,13 @@ class EpochProgress(Callback):
         self.stream = stream
         self.live = is_terminal(stream) if live is None else live
         self.stage = ""
+        self._in_fit = False
 
     def before_fit(self):
-        self.t_fit = time.perf_counter()
+        # fastai's validate()/get_preds() fire before_fit too, with `create_mbar` off (`no_mbar`)
+        self.t_fit, self._in_fit = time.perf_counter(), getattr(self.learn, "create_mbar", True)
         self._progress = None
-        if self.live:
+        if self.live and self._in_fit:
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
             self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
                                       TextColumn("{task.completed}/{task.total}"),
@@ -54,15 +56,17 @@ class EpochProgress(Callback):
             self._progress.start()
 
     def before_epoch(self):
-        if self._progress is not None:
+        if self._in_fit and self._progress is not None:
             self._task = self._progress.add_task(f"{self.stage} epoch {self.epoch + 1}/{self.n_epoch}",
                                                  total=len(self.dls.train), loss="-")
 
     def after_batch(self):
-        if self._progress is not None and self.training:
+        if self._in_fit and self._progress is not None and self.training:
             self._progress.update(self._task, advance=1, loss=f"{float(self.learn.smooth_loss):.4f}")
 
     def after_epoch(self):
+        if not self._in_fit:
+            return
         if self._progress is not None:
             self._progress.remove_task(self._task)
         rec = self.learn.recorder
@@ -75,6 +79,7 @@ class EpochProgress(Callback):
         print(line, file=self.stream or sys.stdout, flush=True)
 
     def after_fit(self):
+        self._in_fit = False
         if self._progress is not None:
             self._progress.stop()
             self._progress = None

@@ -78,9 +78,10 @@ def decide(stats: DatasetStats, thresholds: Thresholds = Thresholds()) -> tuple[
     no_bn = math.isnan(stats.bn_shift)
     probe_ok, bn_ok = stats.probe_acc >= t.probe_similar, no_bn or stats.bn_shift <= t.bn_similar
     similar = probe_ok and bn_ok
-    why_sim = f"linear-probe accuracy {stats.probe_acc:.2f} ({'>=' if probe_ok else '<'} {t.probe_similar:g}) and " + (
-        "no BatchNorm layers to compare (the probe decides)" if no_bn else
-        f"BN shift {stats.bn_shift:.2f} ({'<=' if bn_ok else '>'} {t.bn_similar:g})")
+    probe = f"linear-probe accuracy {stats.probe_acc:.3f} ({'>=' if probe_ok else '<'} {t.probe_similar:g})"
+    bn = ("no BatchNorm layers to compare (the probe decides)" if no_bn else
+          f"BN shift {stats.bn_shift:.2f} ({'<=' if bn_ok else '>'} {t.bn_similar:g})")
+    why_sim = f"{probe} and {bn}"
     sim = "similar to ImageNet" if similar else "different from ImageNet"
     if stats.images_per_class < t.tiny_per_class:
         return "linear_probe", (f"{size}, {why_sim} ({sim}); fewer than {t.tiny_per_class:g} images/class is too "
@@ -94,7 +95,7 @@ def decide(stats: DatasetStats, thresholds: Thresholds = Thresholds()) -> tuple[
 
 
 def choose_strategy(learn, recipe, thresholds: Thresholds = Thresholds(), max_images: int = 400) -> tuple[str, str]:
-    "(strategy, why) for `learn`'s data and model: `scratch` without pretrained weights, else `decide(measure_dataset)`."
+    "(strategy, why) for `learn`'s data and model: `scratch` without pretrained weights, else decide(measure_dataset)."
     if not recipe.pretrained:
         return "scratch", (f"recipe {recipe.name!r} sets pretrained = false: there are no pretrained features to "
                            "keep, so everything is trained in one one-cycle -> scratch")
@@ -110,17 +111,25 @@ def measure_dataset(learn, max_images: int = 400, seed: int = 0, bs: int = 64) -
 
     At most `max_images` training and `max_images // 2` validation images (random, seeded) go once through
     the model in eval mode without gradients; validation transforms only (no augmentation). The model's
-    weights, BN running statistics and train/eval mode are left as they were.
+    weights, BN running statistics and train/eval mode, and the global random states (so the training
+    that follows is the same with or without the measurement) are left as they were.
     """
+    from fastai.torch_core import no_random
+    with no_random(seed):  # fastai: seeds, then restores python/numpy/torch RNG states (DataLoader.new draws)
+        return _measure(learn, max_images, seed, bs)
+
+
+def _measure(learn, max_images: int, seed: int, bs: int) -> DatasetStats:
     from timm.utils import unwrap_model
     t0 = time.perf_counter()
     dls = learn.dls
+    if len(dls.train_ds) == 0 or len(dls.valid_ds) == 0:
+        raise ValueError(f"measure_dataset needs training and validation images; got {len(dls.train_ds)} and "
+                         f"{len(dls.valid_ds)}; add images (or a validation split)")
     train_labels = _labels(dls.train_ds)
     counts = Counter(train_labels)
     n_classes = int(getattr(dls, "c", None) or len(getattr(dls, "vocab", None) or counts))
     per_class = [counts.get(k, 0) for k in range(n_classes)]
-    if not train_labels:
-        raise ValueError("measure_dataset: the training set is empty; add training images")
     model = unwrap_model(learn.model)
     if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
         raise TypeError(f"measure_dataset needs a timm model (forward_features/forward_head); got "

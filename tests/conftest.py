@@ -30,6 +30,10 @@ def synthetic_dls(n: int = 96, c: int = 3, size: int = 32, bs: int = 16, seed: i
     return dls
 
 
+# Tiny models: one intra-op thread beats two (thread start-up dominates); also keeps parallel CI steady.
+torch.set_num_threads(1)
+
+
 @pytest.fixture
 def seeded():
     random.seed(0); np.random.seed(0); torch.manual_seed(0)

@@ -167,8 +167,7 @@ def test_doctor_main_prints_table_and_exit_code(tmp_path, capsys):
     run.mkdir()
     (run / "metrics.csv").write_text("stage,epoch,train_loss,valid_loss,accuracy,seconds\n"
                                      "all,1,1.0,0.9,0.6,1\nall,2,0.5,0.6,0.8,1\nall,3,0.2,0.8,0.78,1\n")
-    code = doctor_main(data, "test_resnet", recipe="transfer", overrides=["pretrained=false", "size=16", "bs=4"],
-                       n_batches=2, run=run)
+    code = doctor_main(data, "test_resnet", size=16, bs=4, pretrained=False, recipe="transfer", n_batches=2, run=run)
     out = capsys.readouterr().out
     assert code == 1                               # the duplicate fails a check
     assert "train_valid_duplicates" in out and "initial_loss" in out

@@ -110,7 +110,7 @@ def test_skipped_steps_counts_gradscaler_overflows_and_says_so():
     out = io.StringIO()
     sk = SkippedSteps(stream=out)
     params = list(learn.model.parameters())
-    learn.fit(1, 1e-3, cbs=[_CPUMixedPrecision(), sk, _InfGrad({1, 3})])   # 72 train images / bs 16, drop_last: 4 steps
+    learn.fit(1, 1e-3, cbs=[_CPUMixedPrecision(), sk, _InfGrad({1, 3})])   # 72 images / bs 16, drop_last: 4 steps
     assert sk.skipped == 2 and sk.in_fit == 2 and sk.steps == 4
     assert learn.scaler is None                               # fastai clears it after fit
     msg = out.getvalue()

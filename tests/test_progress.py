@@ -17,6 +17,8 @@ def test_plain_lines_when_not_a_terminal(capsys):
     assert all(l.startswith(f"epoch {i + 1}/3 ") and "valid_loss" in l and "accuracy" in l for i, l in enumerate(lines))
     assert "\r" not in buf.getvalue() and "\x1b" not in buf.getvalue()
     assert capsys.readouterr().out == ""        # fastai's Recorder printed nothing either
+    learn.validate()                            # epoch events outside a fit: no extra line
+    assert len(buf.getvalue().splitlines()) == 3
 
 
 def test_summary_table_text(capsys):

@@ -31,13 +31,13 @@ def test_decide_cells(per_class, probe, shift, expected):
     strategy, why = decide(stats(per_class, probe, shift))
     assert strategy == expected
     assert why.endswith(expected) or f"-> {expected}" in why
-    assert f"{per_class:g} images/class" in why and f"{probe:.2f}" in why and f"{shift:.2f}" in why
+    assert f"{per_class:g} images/class" in why and f"{probe:.3f}" in why and f"{shift:.2f}" in why
 
 
 def test_decide_without_batchnorm_uses_the_probe_alone():
     assert decide(stats(50, 0.95, float("nan")))[0] == "linear_probe"
     strategy, why = decide(stats(500, 0.60, float("nan")))
-    assert strategy == "full" and "no BatchNorm" in why and "0.60" in why
+    assert strategy == "full" and "no BatchNorm" in why and "0.600" in why
 
 
 def test_decide_thresholds_are_the_cuts():
@@ -70,6 +70,18 @@ def test_measure_dataset_on_blobs_leaves_the_model_alone():
     assert learn.model.training  # mode restored
     after = learn.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and running stats untouched
+
+
+def test_measure_dataset_leaves_the_random_states_alone():
+    import random
+    learn = _learner(synthetic_dls(n=96, c=3))
+    draws = []
+    for measure in (False, True):
+        random.seed(1); np.random.seed(1); torch.manual_seed(1)
+        if measure:
+            measure_dataset(learn)
+        draws.append((random.random(), float(np.random.rand()), torch.rand(3).tolist()))
+    assert draws[0] == draws[1]  # the training after `auto` measures is the same as without it
 
 
 def test_measure_dataset_probe_is_chance_on_random_labels():
@@ -144,7 +156,7 @@ def test_choose_strategy_states_the_numbers():
     s = measure_dataset(learn, seed=r.seed)
     assert strategy in STRATEGIES
     assert strategy == decide(s)[0]
-    for number in (f"{s.images_per_class:g} images/class", f"{s.probe_acc:.2f}", f"{s.bn_shift:.2f}"):
+    for number in (f"{s.images_per_class:g} images/class", f"{s.probe_acc:.3f}", f"{s.bn_shift:.2f}"):
         assert number in why
     assert re.search(r"measured on 72\+24 images", why)
 
@@ -153,3 +165,11 @@ def test_choose_strategy_without_pretrained_weights_is_scratch():
     learn = _learner(synthetic_dls(n=96, c=3))
     strategy, why = choose_strategy(learn, load_recipe("auto", {"pretrained": False}))
     assert strategy == "scratch" and "pretrained = false" in why
+
+
+def test_measure_dataset_without_validation_images_says_so():
+    x, y = make_blobs(16, 2, 32)
+    dls = DataLoaders.from_dsets(list(zip(x, y)), [], bs=4, device="cpu")
+    dls.c = 2
+    with pytest.raises(ValueError, match="got 16 and 0"):
+        measure_dataset(_learner(dls))
