@@ -64,6 +64,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def _has_state(cb) -> bool:
+    "True when the callback's own class defines state_dict/load_state_dict (fastai forwards unknown attributes"
+    " to the learner and the model, so `hasattr` is true for every callback)."
+    return all(callable(getattr(type(cb), m, None)) for m in ("state_dict", "load_state_dict"))
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     model = getattr(model, "_orig_mod", model)  # torch.compile
     return getattr(model, "module", model)      # DDP
@@ -229,7 +235,7 @@ class CheckpointState:
         self.restore_optimizer(learn)
         cb_states = self.state.get("callbacks", {})
         for cb in [*learn.cbs, *cbs]:
-            if type(cb).__name__ in cb_states and hasattr(cb, "load_state_dict"):
+            if type(cb).__name__ in cb_states and _has_state(cb):
                 cb.load_state_dict(cb_states[type(cb).__name__])
 
 
@@ -334,8 +340,11 @@ class Checkpointer(Callback):
         v = rec.log[i] if len(rec.log) > i else None
         return float(v) if v is not None else None
 
-    def save(self, epoch: int, iter: int, valid_loss: float | None = None, stage_epochs: int | None = None) -> Path:
+    def save(self, epoch: int, iter: int, valid_loss: float | None = None, stage_epochs: int | None = None) -> Path | None:
         "Write checkpoint `ckpt-<global_step>` (weights, then state, then the `latest` pointer), then prune."
+        from .distributed import is_main_process
+        if not is_main_process():  # one writer (fastai #3836: every rank wrote the same files)
+            return None
         step = self.global_step
         name = f"ckpt-{step}"
         if valid_loss is not None and np.isfinite(valid_loss) and (self.best is None or valid_loss < self.best[0]):
@@ -358,7 +367,7 @@ class Checkpointer(Callback):
             "smooth_loss": ({"val": rec.smooth_loss.val.detach().cpu().clone(), "count": rec.smooth_loss.count}
                             if rec is not None else None),
             "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.learn.cbs
-                          if hasattr(cb, "state_dict") and hasattr(cb, "load_state_dict") and cb is not self},
+                          if _has_state(cb) and cb is not self},
             "recipe": self.recipe, "version": library_version(),
             "extra": self.extra_state() if self.extra_state else {},
         }

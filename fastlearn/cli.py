@@ -1,4 +1,4 @@
-"""The `fastlearn` command line: `recipes`, `train`, `lr-find` (and `doctor`, `search`).
+"""The `fastlearn` command line: `recipes`, `train`, `lr-find`, `doctor`, `search`.
 
 Bad input exits with status 2 and one line `fastlearn: error: ...` before any training starts.
 """
@@ -47,6 +47,22 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--arch", default="tf_efficientnet_lite0", help="timm architecture name")
     d.add_argument("--size", type=int, default=64, help="image size in px")
     d.add_argument("--bs", type=int, default=32, help="batch size")
+    d.add_argument("--recipe", default="transfer", help="recipe whose data/model settings to check")
+    d.add_argument("--no-pretrained", action="store_true", help="random init instead of pretrained weights")
+    d.add_argument("--run", default=None, help="a finished run folder: also diagnose its learning curves")
+
+    s = sub.add_parser("search", help="random search with early pruning; saves the best config as a recipe",
+                       description="Random search (optuna, successive-halving pruning) over lr, wd, batch size and "
+                                   "dropout for RECIPE on --data; writes search.csv and best_recipe.toml.")
+    s.add_argument("recipe", help="recipe to start from")
+    s.add_argument("--data", required=True, help="image folder or 'digits'")
+    s.add_argument("--trials", type=int, default=8, help="trials per round")
+    s.add_argument("--rounds", type=int, default=2, help="rounds; each narrows the ranges around the best")
+    s.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: the recipe's)")
+    s.add_argument("--no-prune", action="store_true", help="run every trial to the end")
+    s.add_argument("--out", default="runs/search", help="output folder")
+    s.add_argument("--seed", type=int, default=0, help="sampler seed")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="recipe keys to override")
     return p
 
 
@@ -78,17 +94,34 @@ def _train(a) -> int:
     if a.run_dir and not a.resume and Path(a.run_dir).exists() and any(Path(a.run_dir).iterdir()):
         raise FileExistsError(f"run folder {a.run_dir} already holds a run; pass --resume to continue it, "
                               f"or choose another --run-dir (nothing was overwritten)")
-    learn, r = learner_from_recipe(a.data, a.recipe, a.overrides)
-    kw = {"resume": True} if a.resume else {}
-    if a.distributed:
-        from .distributed import distributed_ctx
+    if not a.distributed:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("launched with several processes (WORLD_SIZE > 1) but without --distributed: "
+                             "add --distributed, or each process would train alone")
+        learn, r = learner_from_recipe(a.data, a.recipe, a.overrides)
+        res = run_recipe(learn, r, run_dir=a.run_dir, runs_root=a.out, resume=a.resume)
+        _report(res)
+        return 0
+    from fastai.distributed import teardown_distrib
+    from .distributed import distributed_ctx, init_distributed, is_main_process, main_process_first
+    if "WORLD_SIZE" not in os.environ:
+        raise ValueError("--distributed needs a launcher: torchrun --nproc_per_node=N -m fastlearn.cli train ...")
+    init_distributed()  # before building anything, so each rank picks its device
+    try:
+        with main_process_first():  # rank 0 builds the sample cache first
+            learn, r = learner_from_recipe(a.data, a.recipe, a.overrides, progress=is_main_process())
         with distributed_ctx(learn, sync_bn=r.sync_bn):
-            res = run_recipe(learn, r, run_dir=a.run_dir, runs_root=a.out, **kw)
-    else:
-        res = run_recipe(learn, r, run_dir=a.run_dir, runs_root=a.out, **kw)
+            res = run_recipe(learn, r, run_dir=a.run_dir, runs_root=a.out, resume=a.resume)
+        if is_main_process():
+            _report(res)
+    finally:
+        teardown_distrib()
+    return 0
+
+
+def _report(res) -> None:
     print(f"run folder: {res.run_dir}")
     print(f"accuracy={res.accuracy:.4f} time={res.seconds:.1f}s strategy={res.strategy}")
-    return 0
 
 
 def _lr_find(a) -> int:
@@ -105,20 +138,27 @@ def _lr_find(a) -> int:
 
 def _doctor(a) -> int:
     from .diagnostics import doctor_main
-    return doctor_main(_data_arg(a.data), a.arch, size=a.size, bs=a.bs)
+    return doctor_main(a.data, a.arch, size=a.size, bs=a.bs, pretrained=not a.no_pretrained, recipe=a.recipe,
+                       run=a.run)
+
+
+def _search(a) -> int:
+    from .search import search_main
+    return search_main(a.data, a.recipe, n_trials=a.trials, rounds=a.rounds, epochs=a.epochs, prune=not a.no_prune,
+                       out_dir=a.out, seed=a.seed, overrides=a.overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides after an option (`--data x epochs=3 --out runs`) land here
-        if args.cmd != "train" or any("=" not in x or x.startswith("-") for x in extra):
+        if args.cmd not in ("train", "search") or any("=" not in x or x.startswith("-") for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     from .errors import FastlearnError
     try:
         return {"recipes": lambda: _recipes(), "train": lambda: _train(args), "lr-find": lambda: _lr_find(args),
-                "doctor": lambda: _doctor(args)}[args.cmd]()
+                "doctor": lambda: _doctor(args), "search": lambda: _search(args)}[args.cmd]()
     except (FastlearnError, ValueError, FileNotFoundError, FileExistsError) as e:
         msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
         print(f"fastlearn: error: {msg}", file=sys.stderr)

@@ -109,14 +109,15 @@ def unfreeze_plan(n_groups: int, head_epochs: int, unfreeze_epochs: int, epochs:
     last = n_groups if unfreeze_to in (-1, None) else min(unfreeze_to, n_groups)
     if last < 1:
         raise ValueError(f"unfreeze_to must be -1 (all) or >= 1, got {unfreeze_to}")
-    stages = [UnfreezeStage(1, head_epochs, 1.0)]
-    n, mult = 1, 1.0
-    while n < last:
-        n, mult = min(n + step, last), mult * stage_lr_mult
-        stages.append(UnfreezeStage(n, epochs if n == last else unfreeze_epochs, mult))
-    if last == 1 and epochs:  # linear probe: the final stage is the head stage itself
-        stages[0] = UnfreezeStage(1, head_epochs + epochs, 1.0)
-    return [s for s in stages if s.epochs > 0]
+    counts, epochs_of = [1], [head_epochs]
+    while counts[-1] < last:
+        counts.append(min(counts[-1] + step, last))
+        epochs_of.append(epochs if counts[-1] == last else unfreeze_epochs)
+    if last == 1:  # linear probe: the final stage is the head stage itself
+        epochs_of = [head_epochs + epochs]
+    kept = [(n, e) for n, e in zip(counts, epochs_of) if e > 0]
+    # each stage that runs lowers the peak LR once; stages skipped with 0 epochs do not count
+    return [UnfreezeStage(n, e, stage_lr_mult ** k) for k, (n, e) in enumerate(kept)]
 
 
 def resize_size(pos: float, start: int, final: int, ramp: tuple[float, float] = (0.0, 0.75),

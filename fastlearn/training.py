@@ -51,15 +51,15 @@ class HyperTrace(Callback):
         hs = self.opt.hypers
         self.rows.append({"step": len(self.rows), "stage": self.stage,
                           "lr": [float(h["lr"]) for h in hs], "mom": [float(h["mom"]) for h in hs if "mom" in h],
-                          "loss": float(self.learn.loss)})
+                          "loss": float(self.learn.loss.detach())})
 
 
 class MetricsLog(Callback):
     "Appends one row per epoch (stage, epoch, train/valid loss, metrics, seconds) to a CSV file."
     order = 66
 
-    def __init__(self, path: Path):
-        self.path, self.rows, self.stage = Path(path), [], ""
+    def __init__(self, path: Path, write: bool = True):
+        self.path, self.rows, self.stage, self.write = Path(path), [], "", write
 
     def before_epoch(self):
         self._t = time.perf_counter()
@@ -71,6 +71,8 @@ class MetricsLog(Callback):
         row.update({n: float(v) for n, v in zip(names, list(rec.log)[1:])})
         row["seconds"] = round(time.perf_counter() - self._t, 3)
         self.rows.append(row)
+        if not self.write:
+            return
         keys = list(dict.fromkeys(k for r in self.rows for k in r))
         with open(self.path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys)
@@ -120,12 +122,18 @@ def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, over
     checkpoint: finished stages are skipped and the current one goes on from the saved epoch and batch."""
     from .callbacks import recipe_callbacks
     from .checkpoint import Checkpointer, ResumeAt, resume_state
+    from .distributed import broadcast_object, global_batch_size, is_main_process
     from .guard import NonFiniteGuard
+    from .schedules import scale_lr
     r = load_recipe(recipe, overrides)
+    main = is_main_process()  # under DDP only rank 0 writes files and prints; all ranks train
     if resume and run_dir is None:
         raise ValueError("resume=True needs run_dir, the run folder to continue")
-    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(runs_root, r.name)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir is None:
+        run_dir = broadcast_object(new_run_dir(runs_root, r.name) if main else None)
+    run_dir = Path(run_dir)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     state = resume_state(run_dir, r) if resume else None
     t0 = time.perf_counter()
     strategy, why = r.strategy, ""
@@ -133,12 +141,16 @@ def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, over
         strategy, why = state.extra["strategy"], state.extra["why"]
     elif strategy == "auto":
         from .strategy import choose_strategy
-        strategy, why = choose_strategy(learn, r)
-        print(f"auto strategy: {strategy} ({why})", flush=True)
+        strategy, why = broadcast_object(choose_strategy(learn, r))
+        if main:
+            print(f"auto strategy: {strategy} ({why})", flush=True)
     plan = stage_plan(r, learn.n_layer_groups, strategy)
-    r.save(run_dir / "recipe.toml")
-    trace, log = HyperTrace(), MetricsLog(run_dir / "metrics.csv")
-    extra = recipe_callbacks(learn, r, run_dir)
+    if main:
+        r.save(run_dir / "recipe.toml")
+    trace, log = HyperTrace(), MetricsLog(run_dir / "metrics.csv", write=main)
+    # the callbacks see the chosen strategy (resizing needs the run's length, compile its last stage)
+    total_steps = sum(st.epochs for st in plan) * len(learn.dls.train)
+    extra = recipe_callbacks(learn, r.replace(strategy=strategy), run_dir, total_steps=total_steps)
     stages = []
     ckpt = Checkpointer(run_dir, r.checkpoint_every, r.keep_last, checkpoint_steps, recipe=r,
                         extra_state=lambda: {"strategy": strategy, "why": why, "peak": peak, "stages": stages,
@@ -152,14 +164,19 @@ def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, over
         ckpt.load_history(state)
         peak, stages = state.extra["peak"], list(state.extra["stages"])
         trace.rows, log.rows = list(state.extra["trace"]), list(state.extra["metrics"])
-        print(f"resuming {run_dir} from {state.path.name}: stage {state.stage + 1}/{len(plan)}, "
-              f"epoch {state.epoch}/{state.stage_epochs}, batch {state.iter}", flush=True)
+        if main:
+            print(f"resuming {run_dir} from {state.path.name}: stage {state.stage + 1}/{len(plan)}, "
+                  f"epoch {state.epoch}/{state.stage_epochs}, batch {state.iter}", flush=True)
     elif peak is None:
         if not r.lr_find:
             raise ValueError("recipe sets lr_find = false but gives no lr; set lr = <peak LR>")
-        found = learn.find_lr(plot=run_dir / "lr_find.png")
-        peak = found.peak
-        print(f"lr_find: peak {found.peak:.2e}, start {found.start:.2e}", flush=True)
+        # every rank sweeps together (at the global batch); rank 0's suggestion is used everywhere
+        found = learn.find_lr(plot=run_dir / "lr_find.png" if main else None)
+        peak = broadcast_object(found.peak)
+        if main:
+            print(f"lr_find: peak {found.peak:.2e}, start {found.start:.2e}", flush=True)
+    else:  # a recipe's fixed LR is for `lr_ref_bs` images per step: scale to this run's global batch
+        peak = scale_lr(peak, global_batch_size(r.bs, r.grad_accum), r.lr_ref_bs, r.lr_scale_rule)
     for i, st in enumerate(plan):
         epochs, resume_cb = st.epochs, []
         if state is not None:  # the first stage run after a resume: skip finished stages, go on mid-stage
@@ -181,18 +198,23 @@ def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, over
         learn.fit_stage(epochs, lr, r.div, r.final_div, r.pct_start, r.moms,
                         cbs=[trace, log, ckpt, guard] + extra + resume_cb)
         vals = dict(zip([n for n in learn.recorder.metric_names[1:] if n != "time"], learn.recorder.log[1:]))
-        stages.append({"stage": name, "trainable_groups": st.n_trainable, "epochs": st.epochs,
+        ran = sum(1 for row in log.rows if row["stage"] == name)  # fewer than planned after early stopping
+        stages.append({"stage": name, "trainable_groups": st.n_trainable, "epochs": ran,
                        "peak_lr": hi, **{k: float(v) for k, v in vals.items()},
                        "seconds": round(time.perf_counter() - ts, 1)})
-    for cb in extra:
-        if hasattr(cb, "finish"):
-            cb.finish(learn)
-    valid_loss, *mets = learn.validate()
+    from .resize import ProgressiveResize
+    at_valid_size = [cb for cb in extra if isinstance(cb, ProgressiveResize)]  # evaluate at valid_size
+    with learn.added_cbs(at_valid_size):
+        for cb in extra:
+            if callable(getattr(type(cb), "finish", None)):
+                cb.finish(learn)
+        valid_loss, *mets = learn.validate()
     acc = float(mets[0]) if mets else float("nan")
     result = RunResult(run_dir, r, strategy, acc, float(valid_loss), time.perf_counter() - t0, peak, stages, why)
-    _write_outputs(learn, result, trace, log)
-    from .progress import summary_table
-    summary_table(stages, title=f"{r.name}: {strategy}, accuracy {acc:.4f} in {result.seconds:.0f}s")
+    if main:
+        _write_outputs(learn, result, trace, log)
+        from .progress import summary_table
+        summary_table(stages, title=f"{r.name}: {strategy}, accuracy {acc:.4f} in {result.seconds:.0f}s")
     return result
 
 
@@ -254,7 +276,9 @@ def learner_from_recipe(data: str | Path, recipe="transfer", overrides: dict | l
     check_arch(r.arch)
     path = sample(str(data)) if is_sample_name(str(data)) and not Path(data).exists() else Path(data)
     set_seed(r.seed, reproducible=True)
-    dls = image_dls(path, size=r.size, bs=r.bs, valid_pct=r.valid_pct, seed=r.seed, arch=r.arch,
+    from .precision import choose_precision
+    choose_precision(r.precision, None)  # a bf16/fp16 recipe on a CPU fails here, before the data is read
+    dls = image_dls(path, size=max(r.size, r.valid_size or r.size), bs=r.bs, valid_pct=r.valid_pct, seed=r.seed, arch=r.arch,
                     augment=r.augment, flip=r.flip, bad_images=r.bad_images, random_erasing=r.random_erasing)
     learn = transfer_learner(dls, r.arch, pretrained=r.pretrained, opt=r.opt, lookahead=r.lookahead, wd=r.wd,
                              wd_norm_bias=r.wd_norm_bias, label_smoothing=r.label_smoothing,

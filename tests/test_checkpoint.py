@@ -310,7 +310,6 @@ def _image_folder(root: Path) -> Path:
     return root
 
 
-@pytest.mark.slow
 def test_resume_with_augmentation_from_an_image_folder_is_bitwise_exact(tmp_path):
     "The real pipeline: files, fastai aug_transforms, flips, random erasing; a crash mid-epoch 2."
     from fastlearn.training import learner_from_recipe

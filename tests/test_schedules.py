@@ -123,3 +123,8 @@ def test_scale_lr():
     assert scale_lr(0.1, 1024, 256) == pytest.approx(0.4)
     assert scale_lr(0.1, 1024, 256, "sqrt") == pytest.approx(0.2)
     assert scale_lr(0.1, 1024, None) == 0.1
+
+
+def test_unfreeze_plan_skipped_stages_do_not_lower_the_lr():
+    plan = unfreeze_plan(6, head_epochs=1, unfreeze_epochs=0, epochs=2, step=2, stage_lr_mult=0.5)
+    assert [(s.n_trainable, s.epochs, s.lr_mult) for s in plan] == [(1, 1, 1.0), (6, 2, 0.5)]
