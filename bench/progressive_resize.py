@@ -41,7 +41,7 @@ def run(args, progressive: bool):
     from fastlearn.data import image_dls
     from fastlearn.learner import transfer_learner
     from fastlearn.resize import ProgressiveResize
-    from fastlearn.sample import sample
+    from fastlearn.samples import sample
     set_seed(args.seed, reproducible=True)
     dls = image_dls(sample("digits"), size=args.size, bs=args.bs, seed=args.seed, arch=args.arch, flip=False,
                     num_workers=0)

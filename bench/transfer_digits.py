@@ -30,7 +30,7 @@ def fastai_run(size: int, bs: int, seed: int):
     from fastai.vision.learner import vision_learner
     from fastlearn.data import image_dls
     from fastlearn.models import create_model
-    from fastlearn.sample import sample
+    from fastlearn.samples import sample
     t = time.perf_counter()
     set_seed(seed, reproducible=True)
     dls = image_dls(sample("digits"), size=size, bs=bs, seed=seed, arch="tf_efficientnet_lite0", flip=False)

@@ -14,9 +14,17 @@ from .learner import TransferLearner, transfer_learner
 from .lr_finder import LRFindResult, lr_find
 from .models import create_model, model_stats
 from .recipes import Recipe, list_recipes, load_recipe
-from .sample import sample
+from .samples import sample
 from .schedules import layer_lrs, one_cycle_lr, one_cycle_mom, unfreeze_plan
 from .training import RunResult, learner_from_recipe, run_recipe
+from .checkpoint import load_weights, save_weights
+from .diagnostics import diagnose, sanity_check
+from .distributed import distributed_ctx, is_main_process
+from .ema import EMA
+from .health import HealthMonitor
+from .resize import ProgressiveResize
+from .search import search
+from .strategy import choose_strategy
 
 __all__ = [
     # data
@@ -26,6 +34,12 @@ __all__ = [
     # training
     "transfer_learner", "TransferLearner", "lr_find", "LRFindResult", "run_recipe", "learner_from_recipe",
     "RunResult",
+    # callbacks and techniques
+    "ProgressiveResize", "EMA", "HealthMonitor", "choose_strategy", "distributed_ctx", "is_main_process",
+    # diagnostics and tuning
+    "sanity_check", "diagnose", "search",
+    # weights
+    "save_weights", "load_weights",
     # schedules
     "one_cycle_lr", "one_cycle_mom", "layer_lrs", "unfreeze_plan",
     # recipes

@@ -83,7 +83,7 @@ def _recipes() -> int:
 
 
 def _data_arg(data: str) -> Path:
-    from .sample import is_sample_name, sample
+    from .samples import is_sample_name, sample
     return sample(data) if is_sample_name(data) and not Path(data).exists() else Path(data)
 
 

@@ -270,7 +270,7 @@ def learner_from_recipe(data: str | Path, recipe="transfer", overrides: dict | l
     from fastai.torch_core import set_seed
     from .data import image_dls
     from .learner import transfer_learner
-    from .sample import is_sample_name, sample
+    from .samples import is_sample_name, sample
     from .models import check_arch
     r = load_recipe(recipe, overrides)
     check_arch(r.arch)

@@ -23,7 +23,7 @@ def test_quickstart_command_names_a_real_recipe_and_sample():
     cmd = readme_command(1)
     m = re.search(r"fastlearn train (\S+) --data (\S+)", cmd)
     from fastlearn.recipes import list_recipes
-    from fastlearn.sample import is_sample_name
+    from fastlearn.samples import is_sample_name
     assert m and m.group(1) in list_recipes() and is_sample_name(m.group(2))
 
 

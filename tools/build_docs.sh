@@ -24,8 +24,9 @@ rm -rf "$out"
 mkdir -p "$out/notebooks"
 cp nbs/*.ipynb "$out/notebooks/"
 if [[ $execute == 1 ]]; then
-  # MPLBACKEND: a headless machine needs no display; nbdev's runner shows figures inline either way
-  MPLBACKEND=agg nbdev-test "$out/notebooks" --save --n-workers "${DOCS_WORKERS:-2}" --timing
+  # one torch thread per notebook process: nbdev runs DOCS_WORKERS notebooks at once, and more threads than
+  # cores makes torch's OpenMP workers spin against each other
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} nbdev-test "$out/notebooks" --save --n-workers "${DOCS_WORKERS:-2}" --timing
 fi
 python tools/render_docs.py "$out/notebooks" "$out"
 echo "open $out/index.html"

@@ -40,6 +40,7 @@ def prepare(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     "Apply the directives: drop, hide code or outputs, mark unexecuted cells; strip the directive lines."
     cells = []
     for cell in nb.cells:
+        cell.metadata.pop("execution", None)  # nbdev's runner stores timings as numbers, which nbformat rejects
         if cell.cell_type != "code":
             cells.append(cell)
             continue

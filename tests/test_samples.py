@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from fastlearn import sample as sample_mod
-from fastlearn.sample import SAMPLES, is_sample_name, sample
+from fastlearn import samples as sample_mod
+from fastlearn.samples import SAMPLES, is_sample_name, sample
 
 
 def _pngs(folder: Path) -> list[Path]:
