@@ -204,12 +204,11 @@ def lr_find(learn, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 1
 
 def plot_lr_find(res: LRFindResult, path: str | Path) -> Path:
     "Save loss vs LR (log scale) with the peak and start suggestions marked."
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: never switches the user's (notebook's) backend
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     ax.plot(res.lrs, res.losses, color="C0", label="smoothed training loss")
     for lr, name, c in ((res.peak, "peak", "C3"), (res.start, "start", "C2")):
         y = float(np.interp(math.log10(lr), np.log10(res.lrs), res.losses))
@@ -224,5 +223,4 @@ def plot_lr_find(res: LRFindResult, path: str | Path) -> Path:
     ax.set_title("LR range test")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

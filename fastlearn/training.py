@@ -235,21 +235,21 @@ def _write_outputs(learn, res: RunResult, trace: HyperTrace, log: MetricsLog) ->
 
 def plot_run(trace_rows: list[dict], epoch_rows: list[dict], out: Path) -> None:
     "loss.png (training loss per step, validation loss per epoch) and schedule.png (LR and momentum)."
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: never switches the user's (notebook's) backend
     if not trace_rows:
         return
     steps = [r["step"] for r in trace_rows]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.plot(steps, [r["loss"] for r in trace_rows], lw=0.8, label="train loss (per step)")
     if epoch_rows and "valid_loss" in epoch_rows[0]:
         per_epoch = len(steps) / max(1, len(epoch_rows))
         ax.plot([per_epoch * (i + 1) for i in range(len(epoch_rows))], [r["valid_loss"] for r in epoch_rows],
                 "o-", label="valid loss (per epoch)")
     ax.set_xlabel("optimizer step"); ax.set_ylabel("loss"); ax.legend(); ax.set_title("loss")
-    fig.tight_layout(); fig.savefig(out / "loss.png", dpi=100); plt.close(fig)
-    fig, (a1, a2) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    fig.tight_layout(); fig.savefig(out / "loss.png", dpi=100)
+    fig = Figure(figsize=(7, 5))
+    a1, a2 = fig.subplots(2, 1, sharex=True)
     a1.plot(steps, [r["lr"][-1] for r in trace_rows], label="head LR")
     a1.plot(steps, [r["lr"][0] for r in trace_rows], label="first-group LR")
     a1.set_yscale("log"); a1.set_ylabel("learning rate"); a1.legend()
@@ -257,7 +257,7 @@ def plot_run(trace_rows: list[dict], epoch_rows: list[dict], out: Path) -> None:
         a2.plot(steps, [r["mom"][-1] for r in trace_rows], color="C3")
     a2.set_ylabel("momentum / beta1"); a2.set_xlabel("optimizer step")
     fig.suptitle("one-cycle schedule per stage"); fig.tight_layout()
-    fig.savefig(out / "schedule.png", dpi=100); plt.close(fig)
+    fig.savefig(out / "schedule.png", dpi=100)
 
 
 def learner_from_recipe(data: str | Path, recipe="transfer", overrides: dict | list[str] | None = None,
