@@ -55,4 +55,7 @@ def recipe_callbacks(learn, r, run_dir: Path, total_steps: int | None = None) ->
         stop.order = 100
         cbs.append(stop)
     # --- end resize + EMA + early stopping ---
+    if r.health_every:
+        from .health import HealthMonitor
+        cbs.append(HealthMonitor(every=r.health_every, csv_path=Path(run_dir) / "health.csv"))
     return cbs

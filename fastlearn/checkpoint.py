@@ -30,7 +30,7 @@ from torch import nn
 
 from .errors import CheckpointError
 
-__all__ = ["atomic_write", "save_weights", "load_weights", "Checkpointer", "ResumeAt", "CheckpointState",
+__all__ = ["atomic_write", "save_weights", "load_weights", "load_learner", "Checkpointer", "ResumeAt", "CheckpointState",
            "resume_state", "read_state", "plain", "latest_checkpoint", "rng_state", "set_rng_state", "recipe_diff",
            "library_version"]
 
@@ -62,6 +62,21 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def load_learner(path: str | Path, trust: bool = False, cpu: bool = True):
+    """Load a Learner exported with `learn.export()`. That file is a pickle, and unpickling runs whatever
+    code the file names, so it is refused unless `trust=True` (only for files you made yourself);
+    `load_weights` loads plain weights safely."""
+    path = Path(path)
+    if not trust:
+        raise CheckpointError(f"{path} is a pickled Learner: loading it can run arbitrary code. Load plain weights "
+                              f"with load_weights(model, 'model.safetensors'), or pass trust=True only for a file "
+                              f"you exported yourself")
+    if not path.exists():
+        raise CheckpointError(f"exported learner {path} does not exist")
+    from fastai.learner import load_learner as fastai_load_learner
+    return fastai_load_learner(path, cpu=cpu)
 
 
 def _has_state(cb) -> bool:

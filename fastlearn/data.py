@@ -3,6 +3,7 @@
 import mimetypes
 import os
 import random
+import re
 import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -14,12 +15,14 @@ import torch
 from fastai.data.block import CategoryBlock, DataBlock
 from fastai.data.core import DataLoaders
 from fastai.data.transforms import Normalize
-from fastai.torch_core import TensorImage, default_device
+from fastai.torch_core import TensorImage, cast, default_device
 from fastai.vision.augment import Resize, aug_transforms
+from fastai.vision.core import PILImage
 from fastai.vision.data import ImageBlock
 from fasttransform import Transform
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.auto_augment import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 
 from .errors import CorruptImageError, DataError, EmptyClassError, SingleClassError
@@ -228,6 +231,41 @@ class _RandomErasing(Transform):
         return RandomErasing(self.probability, mode="pixel", device=x.device)(x)
 
 
+# timm's parser skips sections it cannot split ("rand-mabc" silently means the defaults) and fails on others with a
+# bare AssertionError, so we check each "-" section against the keys timm reads: m, n, p, mstd, mmax, inc, t<name>
+_RAND_AUGMENT_SECTION = re.compile(r"(?:(?:mstd|mmax|inc|m|n|p)\d+(?:\.\d+)?|t\w+)")
+_RAND_AUGMENT_HINT = "use timm's format 'rand-<key><value>-...', e.g. 'rand-m9-mstd0.5' (keys m, n, p, mstd, mmax, inc)"
+
+
+def _check_rand_augment(config: str) -> None:
+    "Raise ValueError naming `config` unless it is a timm RandAugment config string timm reads fully."
+    parts = config.split("-") if isinstance(config, str) else []
+    bad = [p for p in parts[1:] if not _RAND_AUGMENT_SECTION.fullmatch(p)]
+    if not parts or parts[0] != "rand" or bad:
+        why = f"unknown section(s) {bad}" if parts and parts[0] == "rand" else "it must start with 'rand'"
+        raise ValueError(f"rand_augment={config!r}: {why}; {_RAND_AUGMENT_HINT}")
+
+
+class _RandAugment(Transform):
+    "timm's RandAugment as a train-only fastai item transform on PIL images."
+    # After Resize (order 1) and before ToTensor (order 5): like timm's own train pipeline (crop, flip, then
+    # RandAugment), and cheaper, since the ops run on the item-size image rather than the full-size file.
+    order, split_idx = 2, 0
+
+    def __init__(self, config: str, size: int, mean: Sequence[float]):
+        super().__init__()
+        _check_rand_augment(config)
+        # hparams as timm's create_transform sets them: translation relative to the image, fill = mean colour
+        hparams = dict(translate_const=int(size * 0.45), img_mean=tuple(round(255 * m) for m in mean))
+        try:
+            self.config, self.tfm = config, rand_augment_transform(config, hparams)  # a picklable timm object
+        except (AssertionError, ValueError, KeyError) as e:  # e.g. an unknown op name after 't'
+            raise ValueError(f"rand_augment={config!r}: timm rejected it ({type(e).__name__}: {e}); "
+                             f"{_RAND_AUGMENT_HINT}") from e
+
+    def encodes(self, x: PILImage): return cast(self.tfm(x), type(x))
+
+
 class _CenterResize(Resize):
     "Resize that centre-crops on train too (fastai's Resize crops at a random place on train)."
 
@@ -253,10 +291,12 @@ def image_dls(path: str | Path,
               num_workers: int | None = None,  # None -> default_num_workers()
               device: torch.device | str | int | None = None,  # None -> fastai's default device
               random_erasing: float = 0.0,  # probability per training image
+              rand_augment: str | None = None,  # timm RandAugment config on training items, e.g. "rand-m9-mstd0.5"
               ) -> DataLoaders:
     "fastai DataLoaders for a folder of class subfolders, checked first by `check_image_folder`."
     if not 0 < valid_pct < 1: raise ValueError(f"valid_pct={valid_pct}; use a fraction in (0, 1), e.g. 0.2")
     if not 0 <= random_erasing <= 1: raise ValueError(f"random_erasing={random_erasing}; use a probability in [0, 1]")
+    if rand_augment is not None: _check_rand_augment(rand_augment)  # before the folder is scanned
     if size is None:
         if arch is None: raise ValueError("size=None needs arch= to look up the model's input size; or pass size=224")
         from .models import model_input_size
@@ -287,6 +327,8 @@ def image_dls(path: str | Path,
                                      max_lighting=max_lighting, min_scale=min_scale)
     else:
         item_tfms = _CenterResize(size)  # item_size is only for presizing before augmentation
+    item_tfms = [item_tfms]
+    if rand_augment is not None: item_tfms.append(_RandAugment(rand_augment, item_size or size, mean))
     batch_tfms.append(Normalize.from_stats(mean, std, cuda=False))  # DataLoaders moves it to `device`
     if random_erasing > 0: batch_tfms.append(_RandomErasing(random_erasing))
 

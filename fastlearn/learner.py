@@ -77,6 +77,16 @@ class TransferLearner(Learner):
         return run_recipe(self, recipe, run_dir=run_dir, overrides=overrides)
 
 
+class FixedSplit:
+    "A picklable fastai splitter returning precomputed optimizer groups (so `Learner.export` works)."
+
+    def __init__(self, groups):
+        self.groups = groups
+
+    def __call__(self, model):
+        return self.groups
+
+
 def ensure_normalized(dls: DataLoaders, mean, std) -> DataLoaders:
     "Append `Normalize(mean, std)` to the batch transforms unless the DataLoaders already normalise."
     if not any(isinstance(t, Normalize) for t in dls.after_batch.fs):
@@ -110,7 +120,7 @@ def transfer_learner(dls: DataLoaders, arch: str = "tf_efficientnet_lite0", pret
     device = getattr(dls, "device", None) or torch.device("cpu")
     learn = TransferLearner(dls, model, arch=arch, group_map=gmap, weight_decay=wd, loss_func=loss_func,
                             opt_func=make_opt_func(opt, lookahead=lookahead, device=torch.device(device)),
-                            splitter=lambda m: groups, metrics=metrics, cbs=cbs, path=path,
+                            splitter=FixedSplit(groups), metrics=metrics, cbs=cbs, path=path,
                             wd_bn_bias=True, train_bn=True)  # wd on norm/bias is handled by the groups
     if ProgressCallback in [type(c) for c in learn.cbs]:
         learn.remove_cb(ProgressCallback)

@@ -13,7 +13,7 @@ import torch
 from fastai.optimizer import OptimWrapper
 from torch import nn
 
-__all__ = ["OPTIMIZERS", "opt_func", "split_decay", "GroupMap"]
+__all__ = ["OPTIMIZERS", "opt_func", "OptFunc", "split_decay", "GroupMap"]
 
 OPTIMIZERS: dict[str, tuple[type, dict]] = {
     "adamw": (torch.optim.AdamW, {}),
@@ -42,16 +42,22 @@ def opt_func(name: str = "adamw", lookahead: bool = False, device: torch.device 
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     cls, extra = OPTIMIZERS[name]
-    kw = {**extra, **(_kernel_kwargs(cls, device) if kernels else {"foreach": False})}
+    return OptFunc(name, {**extra, **(_kernel_kwargs(cls, device) if kernels else {"foreach": False})}, lookahead)
 
-    def _make(params, lr, **kwargs):
-        wrapper = OptimWrapper(params, cls, lr=lr, **kw, **kwargs)
-        if lookahead:
+
+class OptFunc:
+    "A picklable fastai `opt_func` (so `Learner.export` works): torch optimizer `name` in `OptimWrapper`."
+
+    def __init__(self, name: str, kw: dict, lookahead: bool = False):
+        self.name, self.kw, self.lookahead = name, kw, lookahead
+        self.__name__ = f"{name}{'+lookahead' if lookahead else ''}"
+
+    def __call__(self, params, lr, **kwargs):
+        wrapper = OptimWrapper(params, OPTIMIZERS[self.name][0], lr=lr, **self.kw, **kwargs)
+        if self.lookahead:
             from timm.optim import Lookahead
             wrapper = OptimWrapper(opt=Lookahead(wrapper.opt))
         return wrapper
-    _make.__name__ = f"{name}{'+lookahead' if lookahead else ''}"
-    return _make
 
 
 class GroupMap(list):

@@ -44,6 +44,7 @@ class Recipe:
     augment: bool = True                # fastai aug_transforms on the batch
     flip: bool = True                   # horizontal flips (off for digits/text-like data)
     random_erasing: float = 0.0         # probability
+    rand_augment: str | None = None     # timm RandAugment config, e.g. "rand-m9-mstd0.5" (None = off)
     bad_images: Literal["error", "skip"] = "error"
     # -- schedule: lr_find -> head one-cycle -> gradual unfreezing with discriminative LRs
     strategy: Strategy = "full"
@@ -66,6 +67,8 @@ class Recipe:
     wd: float = 0.01
     wd_norm_bias: bool = False          # decay norm and bias parameters too
     label_smoothing: float = 0.0
+    loss: Literal["ce", "weighted_ce", "focal"] = "ce"  # weighted_ce / focal for imbalanced classes
+    focal_gamma: float = 2.0
     mixup: float = 0.0                  # Beta(alpha, alpha); 0 = off
     cutmix: float = 0.0                 # Beta(alpha, alpha); 0 = off
     drop_rate: float | None = None      # classifier dropout (None = model default)
@@ -75,6 +78,9 @@ class Recipe:
     ema: bool = False                   # timm ModelEmaV3 of the weights, evaluated at the end
     ema_decay: float = 0.9998
     early_stop: int | None = None       # patience in epochs on valid loss; restores the best weights
+    swa_epochs: int = 0                 # extra epochs of stochastic weight averaging after the last stage
+    swa_lr: float | None = None         # constant LR of the SWA epochs (None = last stage's peak / 10)
+    health_every: int = 0               # log update/weight ratios and grad norms every N steps (0 = off)
     lr_ref_bs: int | None = None        # scale lr by global_bs / lr_ref_bs (None = no scaling)
     lr_scale_rule: Literal["linear", "sqrt"] = "linear"
     # -- progressive resizing
@@ -130,7 +136,8 @@ _RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "drop_path": (0, 1, "right_open"), "grad_clip": (0, None, "low"), "grad_accum": (1, None, "ge"),
     "ema_decay": (0, 1, "open"), "early_stop": (1, None, "ge"), "lr_ref_bs": (1, None, "ge"),
     "resize_start": (16, None, "ge"), "resize_multiple": (1, None, "ge"),
-    "checkpoint_every": (0, None, "ge"), "keep_last": (1, None, "ge"),
+    "checkpoint_every": (0, None, "ge"), "keep_last": (1, None, "ge"), "focal_gamma": (0, None, "ge"),
+    "swa_epochs": (0, None, "ge"), "swa_lr": (0, None, "low"), "health_every": (0, None, "ge"),
 }
 
 

@@ -20,7 +20,7 @@ from fastai.callback.core import Callback
 from .recipes import Recipe, load_recipe
 from .schedules import UnfreezeStage, unfreeze_plan
 
-__all__ = ["run_recipe", "learner_from_recipe", "RunResult", "HyperTrace", "MetricsLog", "new_run_dir", "stage_plan"]
+__all__ = ["run_recipe", "learner_from_recipe", "environment", "RunResult", "HyperTrace", "MetricsLog", "new_run_dir", "stage_plan"]
 
 
 @dataclass
@@ -147,6 +147,7 @@ def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, over
     plan = stage_plan(r, learn.n_layer_groups, strategy)
     if main:
         r.save(run_dir / "recipe.toml")
+        (run_dir / "environment.json").write_text(json.dumps(environment(r.seed), indent=2))
     trace, log = HyperTrace(), MetricsLog(run_dir / "metrics.csv", write=main)
     # the callbacks see the chosen strategy (resizing needs the run's length, compile its last stage)
     total_steps = sum(st.epochs for st in plan) * len(learn.dls.train)
@@ -216,6 +217,34 @@ def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, over
         from .progress import summary_table
         summary_table(stages, title=f"{r.name}: {strategy}, accuracy {acc:.4f} in {result.seconds:.0f}s")
     return result
+
+
+def _git_commit(where: Path) -> str | None:
+    import subprocess
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def environment(seed: int) -> dict:
+    "What reproduces a run besides the recipe: seed, library and dependency versions, devices, git commits."
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+    import torch
+    from . import __version__
+    vers = {}
+    for pkg in ("torch", "torchvision", "fastai", "timm", "numpy", "rich", "scikit-learn"):
+        try:
+            vers[pkg] = version(pkg)
+        except PackageNotFoundError:
+            vers[pkg] = None
+    return {"seed": seed, "fastlearn": __version__, "python": platform.python_version(),
+            "platform": platform.platform(), "versions": vers,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "threads": torch.get_num_threads(),
+            "git_commit": {"cwd": _git_commit(Path.cwd()), "fastlearn": _git_commit(Path(__file__).parent)}}
 
 
 def _write_outputs(learn, res: RunResult, trace: HyperTrace, log: MetricsLog) -> None:

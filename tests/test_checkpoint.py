@@ -331,3 +331,27 @@ def test_resume_with_augmentation_from_an_image_folder_is_bitwise_exact(tmp_path
     res = run(tmp_path / "run", resume=True)
     assert _same_weights(_weights(res.run_dir / "model.safetensors"), _weights(ref.run_dir / "model.safetensors"))
     assert (res.run_dir / "trace.csv").read_text() == (ref.run_dir / "trace.csv").read_text()
+
+
+def test_pickled_learner_needs_trust_and_crafted_pickle_never_runs(tmp_path, image_folder):
+    import pickle
+    from fastlearn.checkpoint import load_learner
+    from fastlearn.data import image_dls
+    from fastlearn.errors import CheckpointError
+    from fastlearn.learner import transfer_learner
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CheckpointError, match="arbitrary code"):
+        load_learner(evil)
+    assert not marker.exists()
+    learn = transfer_learner(image_dls(image_folder, size=32, bs=8), "test_resnet", pretrained=False, progress=False)
+    learn.export(tmp_path / "export.pkl")          # our splitter and opt_func pickle
+    back = load_learner(tmp_path / "export.pkl", trust=True)
+    x = torch.randn(2, 3, 32, 32)
+    learn.model.eval(); back.model.eval()
+    assert torch.equal(learn.model(x), back.model(x))

@@ -345,3 +345,37 @@ def test_default_num_workers(monkeypatch):
     assert data_mod.default_num_workers() == 3
     monkeypatch.setattr(data_mod.sys, "platform", "darwin")
     assert data_mod.default_num_workers() == 0
+
+
+# --- RandAugment (timm) on training items --------------------------------------------------------------------------
+
+
+def _pass(dl):
+    "One ordered pass over a DataLoader's items (no shuffle, no dropped batch)."
+    return torch.cat([x for x, _ in dl.new(shuffle=False, drop_last=False)])
+
+
+def test_rand_augment_changes_train_items_only(tmp_path):
+    root = tmp_path / "data"
+    for split in ("train", "valid"):
+        for cls in ("cat", "dog"):
+            for i in range(4):  # noise images: every RandAugment op (contrast, shear, ...) changes them visibly
+                (root / split / cls).mkdir(parents=True, exist_ok=True)
+                Image.effect_noise((16, 16), 80).convert("RGB").save(root / split / cls / f"{i}.png")
+    kw = dict(size=16, augment=False, mean=(0.5,) * 3, std=(0.25,) * 3, **CPU)
+    plain = image_dls(root, **kw)
+    dls = image_dls(root, rand_augment="rand-m9-n3-mstd0.5-p1.0", **kw)
+    a, b = _pass(dls.train), _pass(dls.train)
+    assert a.shape == (8, 3, 16, 16)
+    changed = (a - b).abs().amax(dim=(1, 2, 3)) > 1e-3
+    assert changed.sum() >= 6  # two draws of the same image differ (3 random ops each time, each with p=1)
+    assert not torch.allclose(_pass(plain.train), a)  # and differ from the un-augmented image
+    assert torch.equal(_pass(dls.valid), _pass(plain.valid))  # validation items are untouched
+    assert pickle.loads(pickle.dumps(dls.new_empty())).vocab == ["cat", "dog"]  # still exportable
+
+
+@pytest.mark.parametrize("bad", ["rand-mabc", "rand-x9", "augmix-m5", "", "rand-m9-tnotanop"])
+def test_rand_augment_invalid_config_is_named(tmp_path, bad):
+    with pytest.raises(ValueError, match=r"rand_augment=.*rand-m9-mstd0\.5") as e:
+        image_dls(_folder(tmp_path), size=8, rand_augment=bad, **CPU)
+    assert repr(bad) in str(e.value)

@@ -223,3 +223,23 @@ def test_speed_callbacks_from_recipe_on_cpu():
     assert cbs[1].final_trainable == 1                        # linear probe: the only stage is the head
     cbs = speed_callbacks(learn, load_recipe("transfer", {"compile": True, "strategy": "full"}))
     assert cbs[0].final_trainable == learn.n_layer_groups
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU machine)")
+@pytest.mark.parametrize("precision", ["auto", "fp16"])
+def test_mixed_precision_training_on_cuda(precision):
+    "On a GPU: autocast bf16/fp16 with channels_last trains a few steps to finite weights, on the device."
+    from fastai.data.core import DataLoaders
+    dls = synthetic_dls()
+    dls = DataLoaders(dls.train, dls.valid, device="cuda")
+    dls.c = 3
+    learn = transfer_learner(dls, "test_resnet", pretrained=False, progress=False)
+    learn.model.cuda()
+    r = load_recipe("transfer", {"precision": precision, "arch": "test_resnet", "pretrained": False})
+    cbs = speed_callbacks(learn, r)
+    assert any(isinstance(c, MixedPrecision) for c in cbs) and any(isinstance(c, ChannelsLastBatch) for c in cbs)
+    learn.freeze_top(-1)
+    learn.fit_stage(1, 1e-3, cbs=cbs)
+    assert all(torch.isfinite(p).all() for p in learn.model.parameters())
+    assert next(learn.model.parameters()).is_cuda

@@ -30,7 +30,8 @@ def test_new_run_dir_never_reuses(tmp_path):
 def test_run_outputs(image_folder, tmp_path):
     from fastlearn.training import learner_from_recipe, run_recipe
     learn, r = learner_from_recipe(image_folder, "transfer", {"arch": "test_resnet", "pretrained": False, "size": 32,
-                                                                "bs": 8, "lr": 3e-3, "epochs": 2}, progress=False)
+                                                                "bs": 8, "lr": 3e-3, "epochs": 2, "health_every": 2},
+                                   progress=False)
     res = run_recipe(learn, r, run_dir=tmp_path / "run")
     d = tmp_path / "run"
     rows = list(csv.DictReader(open(d / "metrics.csv")))
@@ -40,6 +41,11 @@ def test_run_outputs(image_folder, tmp_path):
     assert len(trace) == len(rows) * len(learn.dls.train)     # one row per optimizer step
     summary = json.loads((d / "summary.json").read_text())
     assert summary["accuracy"] == pytest.approx(res.accuracy) and summary["strategy"] == "full"
+    health = list(csv.DictReader(open(d / "health.csv")))
+    assert health and {"group", "update_ratio", "grad_norm"} <= set(health[0])
     for png in ("loss.png", "schedule.png"):
         assert (d / png).stat().st_size > 10_000
     assert not (d / "lr_find.png").exists()                   # lr given: no range test
+    env = json.loads((d / "environment.json").read_text())
+    assert env["seed"] == r.seed and env["versions"]["torch"] and env["versions"]["fastai"]
+    assert len(env["git_commit"]["fastlearn"] or "x" * 40) == 40
