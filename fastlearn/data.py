@@ -232,9 +232,10 @@ class _RandomErasing(Transform):
 
 
 # timm's parser skips sections it cannot split ("rand-mabc" silently means the defaults) and fails on others with a
-# bare AssertionError, so we check each "-" section against the keys timm reads: m, n, p, mstd, mmax, inc, t<name>
-_RAND_AUGMENT_SECTION = re.compile(r"(?:(?:mstd|mmax|inc|m|n|p)\d+(?:\.\d+)?|t\w+)")
-_RAND_AUGMENT_HINT = "use timm's format 'rand-<key><value>-...', e.g. 'rand-m9-mstd0.5' (keys m, n, p, mstd, mmax, inc)"
+# bare AssertionError, and an unknown op-set name after "t" silently means the default set; so we check each "-"
+# section against what timm 1.0 reads: m, n, p, mstd, mmax, inc with a number, or tweights / t3aw / t3a
+_RAND_AUGMENT_SECTION = re.compile(r"(?:(?:mstd|mmax|inc|m|n|p)\d+(?:\.\d+)?|t(?:weights|3aw|3a))")
+_RAND_AUGMENT_HINT = "use timm's format 'rand-<key><value>-...', e.g. 'rand-m9-mstd0.5' (keys m, n, p, mstd, mmax, inc, t)"
 
 
 def _check_rand_augment(config: str) -> None:

@@ -16,10 +16,10 @@ from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import ParamScheduler
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
-from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
 from fastai.metrics import accuracy
 from fastai.vision.augment import Normalize
 
+from .losses import make_loss
 from .lr_finder import LRFindResult, lr_find
 from .optim import GroupMap, opt_func as make_opt_func, split_decay
 from .progress import EpochProgress
@@ -98,7 +98,8 @@ def transfer_learner(dls: DataLoaders, arch: str = "tf_efficientnet_lite0", pret
                      n_out: int | None = None, opt: str = "adamw", lookahead: bool = False, wd: float = 0.01,
                      wd_norm_bias: bool = False, label_smoothing: float = 0.0, drop_rate: float | None = None,
                      drop_path: float | None = None, metrics=accuracy, loss_func=None, cbs=None,
-                     progress: bool = True, path: str | Path | None = None, model=None) -> TransferLearner:
+                     progress: bool = True, path: str | Path | None = None, model=None, loss: str = "ce",
+                     focal_gamma: float = 2.0) -> TransferLearner:
     """A `TransferLearner` for timm architecture `arch` with a new head for the data's classes.
 
     The body starts frozen (head trainable), inputs are normalised as the weights were pretrained, and
@@ -116,7 +117,7 @@ def transfer_learner(dls: DataLoaders, arch: str = "tf_efficientnet_lite0", pret
     ensure_normalized(dls, mean, std)
     groups, gmap = split_decay(model, layer_groups(model), decay_norm_bias=wd_norm_bias)
     if loss_func is None:
-        loss_func = LabelSmoothingCrossEntropyFlat(eps=label_smoothing) if label_smoothing else CrossEntropyLossFlat()
+        loss_func = make_loss(loss, dls, label_smoothing=label_smoothing, gamma=focal_gamma)
     device = getattr(dls, "device", None) or torch.device("cpu")
     learn = TransferLearner(dls, model, arch=arch, group_map=gmap, weight_decay=wd, loss_func=loss_func,
                             opt_func=make_opt_func(opt, lookahead=lookahead, device=torch.device(device)),

@@ -209,6 +209,9 @@ def _validate(r: Recipe) -> None:
     if r.unfreeze_to == 0 or r.unfreeze_to < -1:
         raise RecipeError(f"recipe {r.name!r}: key 'unfreeze_to' = {r.unfreeze_to} must be -1 (all groups) "
                           f"or the number of top groups (>= 1) trainable at the end")
+    if r.loss == "focal" and r.label_smoothing:
+        raise RecipeError(f"recipe {r.name!r}: 'loss' = 'focal' cannot be combined with 'label_smoothing' = "
+                          f"{r.label_smoothing} (focal loss takes hard targets); set label_smoothing = 0")
     if r.mixup and r.cutmix:
         raise RecipeError(f"recipe {r.name!r}: 'mixup' and 'cutmix' are both on; choose one")
 

@@ -22,6 +22,7 @@ __all__ = ["SWA", "constant_scheds", "fit_swa", "keep_better", "run_swa"]
 def constant_scheds(lr, mom: float) -> dict:
     "{'lr': f(pos), 'mom': f(pos)} for fastai's `ParamScheduler`, both constant; `lr` a float or one per group."
     lr = np.asarray(lr, dtype=float)
+    lr = float(lr) if lr.ndim == 0 else lr  # fastai's set_hyper takes a scalar or a sized list, not a 0-d array
     return {"lr": lambda pos: lr, "mom": lambda pos: mom}
 
 

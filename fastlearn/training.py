@@ -35,6 +35,7 @@ class RunResult:
     peak_lr: float
     stages: list[dict] = field(default_factory=list)
     why: str = ""                       # why `auto` chose this strategy
+    swa: dict = field(default_factory=dict)  # run_swa's valid losses and which weights were kept ({} without SWA)
 
 
 class HyperTrace(Callback):
@@ -203,6 +204,15 @@ def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, over
         stages.append({"stage": name, "trainable_groups": st.n_trainable, "epochs": ran,
                        "peak_lr": hi, **{k: float(v) for k, v in vals.items()},
                        "seconds": round(time.perf_counter() - ts, 1)})
+    swa = {}
+    if r.swa_epochs:  # SWA after the last stage, at a constant LR, keeping the last stage's groups and LR ratio
+        from .swa import run_swa
+        last = plan[-1]
+        swa_hi = r.swa_lr if r.swa_lr is not None else peak * last.lr_mult / 10
+        swa_lrs = learn.layer_lrs(slice(swa_hi / r.lr_ratio, swa_hi) if last.n_trainable > 1 else swa_hi)
+        for cb in [trace, log, guard] + [c for c in learn.cbs if hasattr(c, "stage")]:
+            cb.stage = "swa"
+        swa = run_swa(learn, r.swa_epochs, swa_lrs, cbs=[trace, log, guard], mom=r.moms[0])
     from .resize import ProgressiveResize
     at_valid_size = [cb for cb in extra if isinstance(cb, ProgressiveResize)]  # evaluate at valid_size
     with learn.added_cbs(at_valid_size):
@@ -211,7 +221,7 @@ def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, over
                 cb.finish(learn)
         valid_loss, *mets = learn.validate()
     acc = float(mets[0]) if mets else float("nan")
-    result = RunResult(run_dir, r, strategy, acc, float(valid_loss), time.perf_counter() - t0, peak, stages, why)
+    result = RunResult(run_dir, r, strategy, acc, float(valid_loss), time.perf_counter() - t0, peak, stages, why, swa)
     if main:
         _write_outputs(learn, result, trace, log)
         from .progress import summary_table
@@ -308,8 +318,10 @@ def learner_from_recipe(data: str | Path, recipe="transfer", overrides: dict | l
     from .precision import choose_precision
     choose_precision(r.precision, None)  # a bf16/fp16 recipe on a CPU fails here, before the data is read
     dls = image_dls(path, size=max(r.size, r.valid_size or r.size), bs=r.bs, valid_pct=r.valid_pct, seed=r.seed, arch=r.arch,
-                    augment=r.augment, flip=r.flip, bad_images=r.bad_images, random_erasing=r.random_erasing)
+                    augment=r.augment, flip=r.flip, bad_images=r.bad_images, random_erasing=r.random_erasing,
+                    rand_augment=r.rand_augment)
     learn = transfer_learner(dls, r.arch, pretrained=r.pretrained, opt=r.opt, lookahead=r.lookahead, wd=r.wd,
                              wd_norm_bias=r.wd_norm_bias, label_smoothing=r.label_smoothing,
-                             drop_rate=r.drop_rate, drop_path=r.drop_path, progress=progress)
+                             drop_rate=r.drop_rate, drop_path=r.drop_path, progress=progress,
+                             loss=r.loss, focal_gamma=r.focal_gamma)
     return learn, r

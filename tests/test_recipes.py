@@ -1,6 +1,8 @@
 """Recipes: every file validates and runs (scaled down); broken recipes fail with the key named."""
 from pathlib import Path
 
+import numpy as np
+
 import pytest
 
 from fastlearn.errors import RecipeError
@@ -48,6 +50,8 @@ def test_overrides_from_code_and_command_line():
     ({"opt": "adamax"}, ["'opt'", "adamax", "'adamw'"]),
     ({"resize_start": 256, "size": 128}, ["'size' = 128", "'resize_start' = 256"]),
     ({"strategy": "yolo"}, ["'strategy'", "linear_probe"]),
+    ({"loss": "focal", "label_smoothing": 0.1}, ["'focal'", "label_smoothing"]),
+    ({"loss": "hinge"}, ["'loss'", "'weighted_ce'"]),
 ])
 def test_bad_values_name_the_key_value_and_choices(override, words):
     with pytest.raises(RecipeError) as e:
@@ -100,3 +104,16 @@ def test_every_recipe_runs_scaled_down(name, image_folder, tmp_path):
     for f in ("recipe.toml", "metrics.csv", "trace.csv", "model.safetensors", "summary.json"):
         assert (tmp_path / "run" / f).exists(), f
     assert load_recipe(tmp_path / "run" / "recipe.toml") == r
+
+
+@pytest.mark.parametrize("switches", [
+    {"rand_augment": "rand-m9-mstd0.5", "loss": "weighted_ce", "label_smoothing": 0.1, "mixup": 0.4, "ema": True},
+    {"loss": "focal", "cutmix": 1.0, "grad_clip": 1.0, "grad_accum": 2, "drop_path": 0.1, "opt": "sgd_nesterov",
+     "lookahead": True, "early_stop": 1, "random_erasing": 0.25},
+])
+def test_regulariser_switches_run(switches, image_folder, tmp_path):
+    from fastlearn.training import learner_from_recipe, run_recipe
+    o = {**scaled_down("transfer"), **switches}
+    learn, r = learner_from_recipe(image_folder, "transfer", o, progress=False)
+    res = run_recipe(learn, r, run_dir=tmp_path / "run")
+    assert np.isfinite(res.valid_loss) and 0 <= res.accuracy <= 1

@@ -104,8 +104,9 @@ def test_keep_better_picks_each_side():
 def test_zero_epochs_is_a_no_op():
     learn = _learner()
     before = {k: v.clone() for k, v in learn.model.state_dict().items()}
-    assert run_swa(learn, 0, 1e-3) == {}
-    assert learn.opt is None  # nothing was fit
+    hp = _Hypers()
+    assert run_swa(learn, 0, 1e-3, cbs=[hp]) == {}
+    assert hp.lrs == []  # nothing was fit
     assert all(torch.equal(v, before[k]) for k, v in learn.model.state_dict().items())
 
 

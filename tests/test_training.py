@@ -49,3 +49,15 @@ def test_run_outputs(image_folder, tmp_path):
     env = json.loads((d / "environment.json").read_text())
     assert env["seed"] == r.seed and env["versions"]["torch"] and env["versions"]["fastai"]
     assert len(env["git_commit"]["fastlearn"] or "x" * 40) == 40
+
+
+def test_swa_switch_adds_averaged_epochs(image_folder, tmp_path):
+    from fastlearn.training import learner_from_recipe, run_recipe
+    learn, r = learner_from_recipe(image_folder, "transfer", {"arch": "test_resnet", "pretrained": False, "size": 32,
+                                                                "bs": 8, "lr": 3e-3, "epochs": 1, "swa_epochs": 2},
+                                   progress=False)
+    res = run_recipe(learn, r, run_dir=tmp_path / "run")
+    assert res.swa["kept"] in ("swa", "raw")
+    assert res.valid_loss == pytest.approx(min(res.swa["swa_valid_loss"], res.swa["raw_valid_loss"]), rel=1e-5)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert [row["stage"] for row in rows].count("swa") == 2
