@@ -6,7 +6,6 @@ and `OptimWrapper` still receives fastai's per-group LR and momentum/beta1 sched
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Callable, Sequence
 
 import torch

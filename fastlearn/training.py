@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 from fastai.callback.core import Callback
 
 from .recipes import Recipe, load_recipe

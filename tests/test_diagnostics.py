@@ -1,27 +1,15 @@
 """Sanity checks catch deliberately broken setups (and pass a healthy one); the curve doctor names each curve."""
 import math
 
-import numpy as np
 import pytest
 import torch
 from fastai.data.core import DataLoaders
-from PIL import Image
 
 from conftest import make_blobs, synthetic_dls
 from fastlearn.diagnostics import (Diagnosis, balance_verdict, diagnose, doctor_main, duplicates_verdict,
                                    generalise_verdict, initial_loss_verdict, normalisation_verdict,
                                    read_epoch_rows, sanity_check, check_duplicates)
 from fastlearn.learner import transfer_learner
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # torch's OpenMP threads spin against other processes on a shared 2-core machine (a step is then
-    # many times slower); one thread keeps these tests at a few seconds
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _dls(x, y, bs=16):
@@ -139,15 +127,8 @@ def test_imbalance_and_duplicates_are_caught():
 
 
 def _folder(root, dup: bool):
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 6), ("valid", 3)):
-        for c, colour in (("a", 0), ("b", 2)):
-            d = root / split / c
-            d.mkdir(parents=True)
-            for i in range(n):
-                a = rng.integers(0, 80, (16, 16, 3), dtype=np.uint8)
-                a[..., colour] += 150
-                Image.fromarray(a).save(d / f"{i}.png")
+    from conftest import write_image_folder
+    write_image_folder(root, n_per_class=6, classes=("a", "b"), size=16, valid=3)
     if dup:
         (root / "valid" / "a" / "0.png").write_bytes((root / "train" / "a" / "3.png").read_bytes())
     return root

@@ -1,7 +1,6 @@
 """EMA of the weights (closed form, across fits, only real optimizer steps, raw-vs-EMA choice) and the
 recipe's early stopping with best-weights restore (built in the same block of `recipe_callbacks`)."""
 import numpy as np
-import pytest
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.training import GradientAccumulation
@@ -15,15 +14,6 @@ from fastlearn.learner import transfer_learner
 from fastlearn.recipes import load_recipe
 
 from conftest import make_blobs, synthetic_dls
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Tiny models on a shared CPU: one intra-op thread is many times faster than oversubscribed threads."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class _Weights(Callback):

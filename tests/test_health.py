@@ -11,15 +11,6 @@ from fastlearn.health import HealthMonitor, HealthWarning, health_problems, upda
 from fastlearn.learner import transfer_learner
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # torch's OpenMP threads spin against other processes on a shared 2-core machine; one is faster there
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _row(ratio=1e-3, grad=1.0, group="2", lr=1e-3):
     return {"group": group, "lr": lr, "grad_norm": grad, "update_ratio": ratio}
 

@@ -1,12 +1,11 @@
 """Recipes: every file validates and runs (scaled down); broken recipes fail with the key named."""
-from pathlib import Path
 
 import numpy as np
 
 import pytest
 
 from fastlearn.errors import RecipeError
-from fastlearn.recipes import Recipe, list_recipes, load_recipe, parse_overrides
+from fastlearn.recipes import list_recipes, load_recipe, parse_overrides
 
 RECIPES = sorted(list_recipes())
 

@@ -15,15 +15,6 @@ from conftest import synthetic_dls
 RAMP, START, FINAL, MULT = (0.0, 0.5), 16, 32, 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Tiny models on a shared CPU: one intra-op thread is many times faster than oversubscribed threads."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _learner(size=32):
     torch.manual_seed(0)
     return transfer_learner(synthetic_dls(size=size), "test_resnet", pretrained=False, progress=False)

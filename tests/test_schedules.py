@@ -3,7 +3,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from fastai.callback.schedule import ParamScheduler
 from fastai.learner import Learner
 from torch import nn

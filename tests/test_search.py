@@ -1,25 +1,12 @@
 """Random search: space narrowing, trial split, pruning callback, and an end-to-end search on a tiny folder."""
 import csv
-import math
 from types import SimpleNamespace
 
-import numpy as np
 import optuna
 import pytest
-import torch
-from PIL import Image
 
 from fastlearn.recipes import load_recipe
 from fastlearn.search import ReportToOptuna, SearchSpace, narrow_space, search, search_main, split_trials
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # torch's OpenMP threads spin against other processes on a shared 2-core machine; one is faster there
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_split_trials():
@@ -72,16 +59,8 @@ def test_report_to_optuna_prunes_a_trailing_trial():
 
 
 def _folder(root):
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 12), ("valid", 6)):
-        for c, colour in (("a", 0), ("b", 2)):
-            d = root / split / c
-            d.mkdir(parents=True)
-            for i in range(n):
-                a = rng.integers(0, 80, (16, 16, 3), dtype=np.uint8)
-                a[..., colour] += 150
-                Image.fromarray(a).save(d / f"{i}.png")
-    return root
+    from conftest import write_image_folder
+    return write_image_folder(root, n_per_class=12, classes=("a", "b"), size=16, valid=6)
 
 
 TINY = {"arch": "test_resnet", "pretrained": False, "strategy": "scratch", "size": 16, "augment": False,
