@@ -1,7 +1,7 @@
 """fastlearn: the best known training practice for fastai + timm as one-line presets.
 
     from fastlearn import *
-    dls = image_dls(sample("digits"), size=64, flip=False, arch="tf_efficientnet_lite0")
+    dls = image_dls(sample("digits"), size=64, bs=32, flip=False, arch="tf_efficientnet_lite0")
     learn = transfer_learner(dls, "tf_efficientnet_lite0"); learn.fit_preset("digits")
 """
 __version__ = "0.1.0"
