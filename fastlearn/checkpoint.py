@@ -29,6 +29,7 @@ from fastai.torch_core import rank_distrib
 from torch import nn
 
 from .errors import CheckpointError
+from .models import unwrap_model  # timm's: strips DDP, torch.compile and EMA wrappers, nested too
 
 __all__ = ["atomic_write", "save_weights", "load_weights", "load_learner", "Checkpointer", "ResumeAt", "CheckpointState",
            "resume_state", "read_state", "plain", "latest_checkpoint", "rng_state", "set_rng_state", "recipe_diff",
@@ -85,15 +86,10 @@ def _has_state(cb) -> bool:
     return all(callable(getattr(type(cb), m, None)) for m in ("state_dict", "load_state_dict"))
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "_orig_mod", model)  # torch.compile
-    return getattr(model, "module", model)      # DDP
-
-
 def save_weights(model: nn.Module, path: str | Path) -> Path:
     "Save the model's state_dict as safetensors, atomically."
     from safetensors.torch import save_file
-    sd = {k: v.detach().contiguous().cpu() for k, v in _unwrap(model).state_dict().items()}
+    sd = {k: v.detach().contiguous().cpu() for k, v in unwrap_model(model).state_dict().items()}
     for k, v in sd.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise CheckpointError(f"refusing to write non-finite weights ({k!r} has NaN/Inf) to {path}")
@@ -114,7 +110,7 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.
         except Exception as e:
             raise CheckpointError(f"{path} is not a plain weights file ({type(e).__name__}: {e}); "
                                   f"refusing to unpickle arbitrary objects") from None
-    _unwrap(model).load_state_dict(sd, strict=strict)
+    unwrap_model(model).load_state_dict(sd, strict=strict)
     return model
 
 
@@ -348,11 +344,9 @@ class Checkpointer(Callback):
             self.save(epoch=epoch, iter=0, valid_loss=self._valid_loss(), stage_epochs=total)
 
     def _valid_loss(self) -> float | None:
+        from .progress import epoch_metrics
         rec = getattr(self.learn, "recorder", None)
-        if rec is None or "valid_loss" not in list(rec.metric_names):
-            return None
-        i = list(rec.metric_names).index("valid_loss")
-        v = rec.log[i] if len(rec.log) > i else None
+        v = None if rec is None else epoch_metrics(rec).get("valid_loss")
         return float(v) if v is not None else None
 
     def save(self, epoch: int, iter: int, valid_loss: float | None = None, stage_epochs: int | None = None) -> Path | None:

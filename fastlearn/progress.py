@@ -11,7 +11,7 @@ from typing import IO, Sequence
 
 from fastai.callback.core import Callback
 
-__all__ = ["EpochProgress", "summary_table", "is_terminal", "console"]
+__all__ = ["EpochProgress", "summary_table", "is_terminal", "console", "epoch_metrics"]
 
 
 def is_terminal(stream: IO | None = None) -> bool:
@@ -24,6 +24,12 @@ def console():
     from rich.console import Console
     return Console(highlight=False, soft_wrap=True) if is_terminal() else \
         Console(highlight=False, soft_wrap=True, force_terminal=False, color_system=None, width=200)
+
+
+def epoch_metrics(recorder) -> dict:
+    "This epoch's logged values by name (train_loss, valid_loss, metrics), from fastai's `Recorder.log`."
+    names = [n for n in list(recorder.metric_names)[1:] if n != "time"]
+    return dict(zip(names, list(recorder.log)[1:]))
 
 
 def _fmt(v) -> str:
@@ -69,10 +75,7 @@ class EpochProgress(Callback):
             return
         if self._progress is not None:
             self._progress.remove_task(self._task)
-        rec = self.learn.recorder
-        names = list(rec.metric_names)[1:]
-        vals = list(rec.log)[1:]
-        parts = [f"{n} {_fmt(v)}" for n, v in zip(names, vals) if n != "time"]
+        parts = [f"{n} {_fmt(v)}" for n, v in epoch_metrics(self.learn.recorder).items()]
         stage = f"[{self.stage}] " if self.stage else ""
         line = f"{stage}epoch {self.epoch + 1}/{self.n_epoch} " + " ".join(parts) + \
             f" time {time.perf_counter() - self.t_fit:.1f}s"

@@ -94,8 +94,8 @@ class ReportToOptuna(Callback):
         if not self._trained:   # Learner.validate() fires after_epoch too, with no training phase
             return
         self._trained = False
-        rec = self.learn.recorder
-        vals = dict(zip([n for n in rec.metric_names[1:] if n != "time"], rec.log[1:]))
+        from .progress import epoch_metrics
+        vals = epoch_metrics(self.learn.recorder)
         if self.metric not in vals:
             raise ValueError(f"metric {self.metric!r} is not logged; logged: {', '.join(vals)}")
         self.values.append(float(vals[self.metric]))

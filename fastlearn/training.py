@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fastai.callback.core import Callback
 
+from .progress import epoch_metrics
 from .recipes import Recipe, load_recipe
 from .schedules import UnfreezeStage, unfreeze_plan
 
@@ -64,10 +65,8 @@ class MetricsLog(Callback):
         self._t = time.perf_counter()
 
     def after_epoch(self):
-        rec = self.learn.recorder
-        names = [n for n in list(rec.metric_names)[1:] if n != "time"]
         row = {"stage": self.stage, "epoch": len(self.rows) + 1}
-        row.update({n: float(v) for n, v in zip(names, list(rec.log)[1:])})
+        row.update({n: float(v) for n, v in epoch_metrics(self.learn.recorder).items()})
         row["seconds"] = round(time.perf_counter() - self._t, 3)
         self.rows.append(row)
         if not self.write:
@@ -156,6 +155,10 @@ def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, over
                         extra_state=lambda: {"strategy": strategy, "why": why, "peak": peak, "stages": stages,
                                              "trace": trace.rows, "metrics": log.rows})
     guard = NonFiniteGuard()
+
+    def label_stage(name: str) -> None:  # the stage name in traces, metrics, guard messages and progress lines
+        for cb in [trace, log, guard] + [c for c in learn.cbs if hasattr(c, "stage")]:
+            cb.stage = name
     learn.freeze_top(plan[0].n_trainable)
     peak = r.lr
     if state is not None:
@@ -186,8 +189,7 @@ def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, over
                 resume_cb = [ResumeAt(state) if i == state.stage else ResumeAt(state, epoch=0, stage_epochs=st.epochs)]
                 epochs, state = st.epochs - resume_cb[0].epoch_offset, None
         name = "head" if st.n_trainable == 1 else f"top{st.n_trainable}" if st.n_trainable < learn.n_layer_groups else "all"
-        for cb in [trace, log, guard] + [c for c in learn.cbs if hasattr(c, "stage")]:
-            cb.stage = name
+        label_stage(name)
         ckpt.stage_index = i
         learn.freeze_top(st.n_trainable)  # fastai's freeze_to clears the optimizer state
         if resume_cb and resume_cb[0].mid_stage:  # mid-stage: the state the interrupted stage had built up
@@ -197,7 +199,7 @@ def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, over
         ts = time.perf_counter()
         learn.fit_stage(epochs, lr, r.div, r.final_div, r.pct_start, r.moms,
                         cbs=[trace, log, ckpt, guard] + extra + resume_cb)
-        vals = dict(zip([n for n in learn.recorder.metric_names[1:] if n != "time"], learn.recorder.log[1:]))
+        vals = epoch_metrics(learn.recorder)
         ran = sum(1 for row in log.rows if row["stage"] == name)  # fewer than planned after early stopping
         stages.append({"stage": name, "trainable_groups": st.n_trainable, "epochs": ran,
                        "peak_lr": hi, **{k: float(v) for k, v in vals.items()},
@@ -208,8 +210,7 @@ def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, over
         last = plan[-1]
         swa_hi = r.swa_lr if r.swa_lr is not None else peak * last.lr_mult / 10
         swa_lrs = learn.layer_lrs(slice(swa_hi / r.lr_ratio, swa_hi) if last.n_trainable > 1 else swa_hi)
-        for cb in [trace, log, guard] + [c for c in learn.cbs if hasattr(c, "stage")]:
-            cb.stage = "swa"
+        label_stage("swa")
         swa = run_swa(learn, r.swa_epochs, swa_lrs, cbs=[trace, log, guard], mom=r.moms[0])
     from .resize import ProgressiveResize
     at_valid_size = [cb for cb in extra if isinstance(cb, ProgressiveResize)]  # evaluate at valid_size
