@@ -254,6 +254,10 @@ class CheckpointState:
         """Load the optimizer state. fastai's `freeze_to` clears it (Learner.freeze_to calls
         opt.clear_state()), so call this after the stage's freeze, as the interrupted run had it."""
         if self.state.get("optimizer") is not None:
+            # torch puts each state tensor on its parameter's device: move the model to the data's device
+            # first (fastai moves it only at the start of fit), or Adam's moments stay on the CPU
+            if getattr(learn.dls, "device", None) is not None:
+                learn.model.to(learn.dls.device)
             if learn.opt is None:
                 learn.create_opt()
             learn.opt.load_state_dict(self.state["optimizer"])

@@ -123,7 +123,13 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None =
         raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s!r}")
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        local, n_gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+        if local >= n_gpus:
+            raise FastlearnError(f"LOCAL_RANK={local} but this machine has {n_gpus} CUDA device(s): nccl needs one "
+                                 f"GPU per process; start at most {n_gpus} per node (torchrun "
+                                 f"--nproc_per_node={n_gpus}), or train on the CPU with gloo by hiding the GPUs "
+                                 f"(CUDA_VISIBLE_DEVICES='')")
+        torch.cuda.set_device(local)
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return True
 

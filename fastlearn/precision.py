@@ -20,7 +20,7 @@ from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 
 __all__ = ["choose_precision", "set_tf32", "amp_callbacks", "precision_callbacks", "speed_callbacks",
-           "SkippedSteps", "TF32", "use_channels_last", "ChannelsLastBatch", "CompileAfterUnfreeze",
+           "SkippedSteps", "LossScaleState", "TF32", "use_channels_last", "ChannelsLastBatch", "CompileAfterUnfreeze",
            "trainable_layer_groups", "learner_device"]
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -124,6 +124,43 @@ class SkippedSteps(Callback):
                   f"fp16: use precision='bf16' or 'fp32', or a lower LR", file=self.stream or sys.stdout, flush=True)
 
 
+class LossScaleState(Callback):
+    """Carries fp16's GradScaler state (scale, growth tracker) from one fit to the next and through
+    checkpoints. fastai's `MixedPrecision` makes a new GradScaler (scale 65536) at every fit, so each
+    unfreezing stage, and a run resumed from a checkpoint, would skip steps again to re-learn a scale the
+    run had already found; with this callback the resumed run continues bitwise as the uninterrupted one."""
+    order = MixedPrecision.order + 1  # before_fit runs after MixedPrecision's has made learn.scaler
+
+    def __init__(self):
+        self.state: dict | None = None
+        self._live = False
+
+    def _scaler(self):
+        return getattr(self.learn, "scaler", None) if self._live else None
+
+    def before_fit(self):
+        self._live = True
+        scaler = self._scaler()
+        if scaler is not None and self.state is not None and scaler.is_enabled():
+            scaler.load_state_dict(self.state)
+
+    def after_epoch(self):  # MixedPrecision.after_fit (order 10) drops learn.scaler before ours would run
+        scaler = self._scaler()
+        if scaler is not None and scaler.is_enabled():
+            self.state = scaler.state_dict()
+
+    def after_fit(self):
+        self._live = False
+
+    def state_dict(self) -> dict:
+        "The scaler's state now (inside a fit: the live scaler's, for a mid-epoch checkpoint)."
+        scaler = self._scaler()
+        return {"scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else self.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state.get("scaler")
+
+
 def amp_callbacks(precision: Precision) -> list[Callback]:
     "fastai's `MixedPrecision` for bf16/fp16 (plus `SkippedSteps` for fp16's loss scaling); none for fp32."
     if precision == "fp32":
@@ -131,7 +168,7 @@ def amp_callbacks(precision: Precision) -> list[Callback]:
     if precision == "bf16":
         return [MixedPrecision(amp_mode="bf16")]  # bf16 has fp32's range: fastai disables the GradScaler
     if precision == "fp16":
-        return [MixedPrecision(amp_mode="fp16"), SkippedSteps()]
+        return [MixedPrecision(amp_mode="fp16"), SkippedSteps(), LossScaleState()]
     raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16' (see choose_precision), got {precision!r}")
 
 

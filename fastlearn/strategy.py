@@ -130,6 +130,8 @@ def _measure(learn, max_images: int, seed: int, bs: int) -> DatasetStats:
     counts = Counter(train_labels)
     n_classes = int(getattr(dls, "c", None) or len(getattr(dls, "vocab", None) or counts))
     per_class = [counts.get(k, 0) for k in range(n_classes)]
+    if getattr(dls, "device", None) is not None:
+        learn.model.to(dls.device)  # where fit would put it; the batches come on dls.device
     model = unwrap_model(learn.model)
     if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
         raise TypeError(f"measure_dataset needs a timm model (forward_features/forward_head); got "

@@ -8,6 +8,10 @@ import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
 from fastai.data.core import DataLoaders
 
 
+needs_cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                  reason="needs a CUDA device (run on a GPU machine)")]
+
+
 def make_blobs(n: int = 96, c: int = 3, size: int = 32, seed: int = 0):
     "n images of `c` separable classes: each class a different mean colour plus noise."
     g = torch.Generator().manual_seed(seed)
@@ -18,13 +22,14 @@ def make_blobs(n: int = 96, c: int = 3, size: int = 32, seed: int = 0):
     return x, y
 
 
-def synthetic_dls(n: int = 96, c: int = 3, size: int = 32, bs: int = 16, seed: int = 0) -> DataLoaders:
+def synthetic_dls(n: int = 96, c: int = 3, size: int = 32, bs: int = 16, seed: int = 0,
+                  device: str = "cpu") -> DataLoaders:
     "fastai DataLoaders over tensors (no files), shuffled with a fixed seed, with a `c` attribute."
     x, y = make_blobs(n, c, size, seed)
     nv = n // 4
     train = list(zip(x[nv:], y[nv:]))
     valid = list(zip(x[:nv], y[:nv]))
-    dls = DataLoaders.from_dsets(train, valid, bs=bs, shuffle=True, device="cpu", num_workers=0)
+    dls = DataLoaders.from_dsets(train, valid, bs=bs, shuffle=True, device=device, num_workers=0)
     dls.c = c
     dls.train.rng.seed(seed)
     return dls

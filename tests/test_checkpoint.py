@@ -23,7 +23,7 @@ from fastlearn.errors import CheckpointError
 from fastlearn.learner import transfer_learner
 from fastlearn.recipes import Recipe
 from fastlearn.training import run_recipe
-from conftest import synthetic_dls
+from conftest import needs_cuda, synthetic_dls
 
 TESTS = Path(__file__).resolve().parent
 # one stage (scratch), 2 epochs x 4 batches: small enough for in-process runs
@@ -310,12 +310,14 @@ def _image_folder(root: Path) -> Path:
     return root
 
 
-def test_resume_with_augmentation_from_an_image_folder_is_bitwise_exact(tmp_path):
-    "The real pipeline: files, fastai aug_transforms, flips, random erasing; a crash mid-epoch 2."
+@pytest.mark.parametrize("precision", ["auto", pytest.param("fp16", marks=needs_cuda)])
+def test_resume_with_augmentation_from_an_image_folder_is_bitwise_exact(tmp_path, precision):
+    """The real pipeline: files, fastai aug_transforms, flips, random erasing; a crash mid-epoch 2. On a GPU
+    (the data's default device there) 'auto' is bf16 and fp16 also restores the GradScaler's scale."""
     from fastlearn.training import learner_from_recipe
     data = _image_folder(tmp_path / "data")
     r = Recipe(arch="test_resnet", pretrained=False, lr=1e-3, lr_find=False, size=32, bs=8, augment=True,
-               flip=True, random_erasing=0.25, strategy="scratch", epochs=2)
+               flip=True, random_erasing=0.25, strategy="scratch", epochs=2, precision=precision)
 
     def run(run_dir, stop=None, resume=False):
         learn, _ = learner_from_recipe(data, r, progress=False)

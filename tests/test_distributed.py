@@ -133,8 +133,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(*args, timeout=240):
+def _torchrun(*args, timeout=240, gpus: bool = False):
+    "Two processes under torchrun; on the CPU with gloo (GPUs hidden) unless `gpus`."
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    if not gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
            str(HERE / "_ddp_script.py"), *map(str, args)]
     t0 = time.perf_counter()
@@ -254,3 +257,12 @@ def test_a_failing_rank_stops_every_rank(tmp_path, how, expect):
     assert set(codes) == {0, 1} and all(c != 0 for c in codes.values()), codes
     assert not list(tmp_path.glob("finished*"))  # no rank trained on past the failure
     assert secs < 300
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not 0 < torch.cuda.device_count() < 2, reason="needs a machine with exactly one CUDA device")
+def test_more_processes_than_gpus_is_a_clear_error(tmp_path):
+    "nccl needs a GPU per process: 2 processes on 1 GPU stop at init with what to do, not 'invalid device ordinal'."
+    rc, log, _ = _torchrun("train", tmp_path, gpus=True, timeout=120)
+    assert rc != 0
+    assert "LOCAL_RANK=1 but this machine has 1 CUDA device(s)" in log and "CUDA_VISIBLE_DEVICES=''" in log

@@ -10,11 +10,11 @@ from fastcore.foundation import L
 from torch.amp import GradScaler
 
 from fastlearn.learner import transfer_learner
-from fastlearn.precision import (ChannelsLastBatch, CompileAfterUnfreeze, SkippedSteps, TF32, amp_callbacks,
+from fastlearn.precision import (ChannelsLastBatch, CompileAfterUnfreeze, LossScaleState, SkippedSteps, TF32, amp_callbacks,
                                  choose_precision, precision_callbacks, set_tf32, speed_callbacks,
                                  trainable_layer_groups, use_channels_last)
 from fastlearn.recipes import load_recipe
-from conftest import synthetic_dls
+from conftest import needs_cuda, synthetic_dls
 
 
 def _fake_cuda(monkeypatch, bf16: bool):
@@ -56,8 +56,9 @@ def test_amp_callbacks_reuse_fastai_mixed_precision():
     assert amp_callbacks("fp32") == []
     (bf,) = amp_callbacks("bf16")
     assert isinstance(bf, MixedPrecision) and bf.amp_mode.value == "bf16"
-    mp, sk = amp_callbacks("fp16")
+    mp, sk, ls = amp_callbacks("fp16")
     assert isinstance(mp, MixedPrecision) and mp.amp_mode.value == "fp16" and isinstance(sk, SkippedSteps)
+    assert isinstance(ls, LossScaleState) and ls.order > MixedPrecision.order
     # GradientClip must see unscaled grads: it runs after MixedPrecision's before_step
     assert GradientClip.order > MixedPrecision.order and SkippedSteps.order > MixedPrecision.order
 
@@ -122,6 +123,29 @@ def test_skipped_steps_counts_gradscaler_overflows_and_says_so():
     assert sk.in_fit == 0 and sk.skipped == 2 and out.getvalue() == ""
 
 
+def test_loss_scale_carries_over_to_the_next_fit_and_through_a_checkpoint():
+    "fastai starts every fit at a fresh scale; the scale a run found survives stages and resumes."
+    learn = transfer_learner(synthetic_dls(), "test_resnet", pretrained=False, progress=False)
+    ls = LossScaleState()
+    learn.fit(1, 1e-3, cbs=[_CPUMixedPrecision(), ls, _InfGrad({1, 3})])   # 1024 halved twice
+    assert ls.state["scale"] == 256.0
+    seen = []
+
+    class Peek(Callback):
+        order = LossScaleState.order + 1
+        def before_fit(self): seen.append(self.learn.scaler.get_scale())
+        def after_batch(self): seen.append(ls.state_dict()["scaler"]["scale"]) if self.training and self.iter == 0 else None
+
+    saved = ls.state_dict()
+    learn.fit(1, 1e-3, cbs=[_CPUMixedPrecision(), ls, Peek(), _InfGrad({0})])
+    assert seen == [256.0, 128.0]                             # started where the last fit ended; live mid-fit
+    resumed = LossScaleState()
+    resumed.load_state_dict(saved)                            # what a checkpoint written after fit 1 restores
+    seen.clear()
+    learn.fit(1, 1e-3, cbs=[_CPUMixedPrecision(), resumed, Peek()])
+    assert seen[0] == 256.0
+
+
 def test_skipped_steps_ignores_cancels_from_other_callbacks():
     class _Cancel(Callback):
         def before_step(self):
@@ -173,10 +197,10 @@ class _NoValidate(Callback):
         raise CancelValidException()
 
 
-def _compile_then_unfreeze(backend: str):
+def _compile_then_unfreeze(backend: str, device: str = "cpu", extra=()):
     torch.manual_seed(0)
-    learn = transfer_learner(synthetic_dls(n=40), "test_resnet", pretrained=False, progress=False,
-                             cbs=[_NoValidate()])
+    learn = transfer_learner(synthetic_dls(n=40, device=device), "test_resnet", pretrained=False, progress=False,
+                             cbs=[_NoValidate(), *extra])
     model, keys = learn.model, list(learn.model.state_dict())
     cb = CompileAfterUnfreeze(final_trainable=2, backend=backend)
     learn.fit_stage(1, 1e-3, cbs=[cb])                        # head only: not the last stage
@@ -223,6 +247,13 @@ def test_speed_callbacks_from_recipe_on_cpu():
     assert cbs[1].final_trainable == 1                        # linear probe: the only stage is the head
     cbs = speed_callbacks(learn, load_recipe("transfer", {"compile": True, "strategy": "full"}))
     assert cbs[0].final_trainable == learn.n_layer_groups
+
+
+@pytest.mark.parametrize("precision", [pytest.param(p, marks=needs_cuda) for p in ("bf16", "fp16")])
+def test_compile_after_unfreeze_inductor_on_cuda(precision):
+    "Inductor's Triton kernels under autocast with channels_last; frozen weights stay bitwise unchanged."
+    learn = _compile_then_unfreeze("inductor", "cuda", extra=[*amp_callbacks(precision), ChannelsLastBatch()])
+    assert next(learn.model.parameters()).is_cuda
 
 
 @pytest.mark.cuda
