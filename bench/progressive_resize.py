@@ -10,8 +10,9 @@ progressive run trains at `--start` px until `--ramp[0]` of the run, grows to `-
 
 One valid image is 0.28 points of accuracy here, and two seeds of the same run differ by more than the
 0.3-point goal, so the bench runs each setting on several seeds (`--seeds`), alternating which of the two
-goes first, and compares mean accuracy and summed wall time. It prints each run, the time per training
-step at each size (resize + forward + backward + optimizer step, without data loading) and, last,
+goes first, and compares mean accuracy and summed wall time. It prints each run with the wall time of each
+epoch and the sizes it trained at, the median time per training step at each size (resize + forward +
+backward + optimizer step, without data loading) and, last,
 `time_ratio=<progressive/fixed> acc_fixed=<mean> acc_progressive=<mean>`.
 
     python bench/progressive_resize.py [--arch resnet10t] [--size 96] [--start 64] [--ramp 0.25 0.75]
@@ -33,11 +34,21 @@ def _sync(device: torch.device) -> None:
 
 
 class StepTimer(Callback):
-    "Seconds per training batch (resize through optimizer step), grouped by the size the model saw."
+    """Seconds per training batch (resize through optimizer step), grouped by the size the model saw, and
+    wall seconds of each epoch (training with its data loading, then validation) with the sizes it trained at."""
     order = -20  # before ProgressiveResize's before_batch; its after_batch runs after the optimizer step
 
     def __init__(self, device: torch.device):
         self.by_size, self.device = defaultdict(list), device
+        self.epochs: list[tuple[float, list[int]]] = []
+
+    def before_epoch(self):
+        _sync(self.device)
+        self._e, self._sizes = time.perf_counter(), set()
+
+    def after_epoch(self):
+        _sync(self.device)
+        self.epochs.append((time.perf_counter() - self._e, sorted(self._sizes)))
 
     def before_batch(self):
         _sync(self.device)
@@ -47,6 +58,7 @@ class StepTimer(Callback):
         if self.training:
             _sync(self.device)
             self.by_size[int(self.learn.xb[0].shape[-1])].append(time.perf_counter() - self._t)
+            self._sizes.add(int(self.learn.xb[0].shape[-1]))
 
 
 def run(args, progressive: bool, seed: int):
@@ -74,7 +86,7 @@ def run(args, progressive: bool, seed: int):
     _sync(args.device)
     seconds = time.perf_counter() - t
     _, acc = learn.validate(cbs=speed)
-    return float(acc), seconds, timer.by_size
+    return float(acc), seconds, timer.by_size, timer.epochs
 
 
 def main():
@@ -109,12 +121,13 @@ def main():
     for i, seed in enumerate(args.seeds):
         order = ("fixed", "progressive") if i % 2 == 0 else ("progressive", "fixed")
         for name in order:
-            a, s, by_size = run(args, name == "progressive", seed)
+            a, s, by_size, epochs = run(args, name == "progressive", seed)
             acc[name].append(a)
             secs[name].append(s)
             for size, v in by_size.items():
                 steps[name][size].extend(v)
-            print(f"seed {seed:<3d} {name:12s} {s:7.1f}s  accuracy {a:.4f}", flush=True)
+            per_epoch = " ".join(f"{t:.1f}s@{'/'.join(map(str, sz))}" for t, sz in epochs)
+            print(f"seed {seed:<3d} {name:12s} {s:7.1f}s  accuracy {a:.4f}  epochs (s@px): {per_epoch}", flush=True)
     print(f"\n{'run':12s} {'total s':>8s} {'mean acc':>9s} {'min':>7s} {'max':>7s}  median ms per step at each size")
     for name in ("fixed", "progressive"):
         per = ", ".join(f"{s}px {len(v)}x{statistics.median(v) * 1000:.1f}" for s, v in sorted(steps[name].items()))

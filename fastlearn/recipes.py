@@ -92,6 +92,7 @@ class Recipe:
     channels_last: bool | None = None   # None = on for conv nets on CUDA
     compile: bool = False               # torch.compile after the last unfreeze
     sync_bn: bool = False               # SyncBatchNorm when distributed
+    num_workers: int | None = None      # DataLoader worker processes (None = data.default_num_workers())
     # -- run bookkeeping
     checkpoint_every: int = 1           # epochs between checkpoints (0 = only at the end)
     keep_last: int = 2                  # checkpoints kept besides the best
@@ -138,6 +139,7 @@ _RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "resize_start": (16, None, "ge"), "resize_multiple": (1, None, "ge"),
     "checkpoint_every": (0, None, "ge"), "keep_last": (1, None, "ge"), "focal_gamma": (0, None, "ge"),
     "swa_epochs": (0, None, "ge"), "swa_lr": (0, None, "low"), "health_every": (0, None, "ge"),
+    "num_workers": (0, None, "ge"),
 }
 
 

@@ -319,7 +319,7 @@ def learner_from_recipe(data: str | Path, recipe="transfer", overrides: dict | l
     # images load at the largest size the run needs; ProgressiveResize shrinks training batches on the device
     dls = image_dls(path, size=max(r.size, r.valid_size or r.size), bs=r.bs, valid_pct=r.valid_pct, seed=r.seed,
                     arch=r.arch, augment=r.augment, flip=r.flip, bad_images=r.bad_images, random_erasing=r.random_erasing,
-                    rand_augment=r.rand_augment)
+                    rand_augment=r.rand_augment, num_workers=r.num_workers)
     learn = transfer_learner(dls, r.arch, pretrained=r.pretrained, opt=r.opt, lookahead=r.lookahead, wd=r.wd,
                              wd_norm_bias=r.wd_norm_bias, label_smoothing=r.label_smoothing,
                              drop_rate=r.drop_rate, drop_path=r.drop_path, progress=progress,

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from fastlearn.data import default_num_workers
 from fastlearn.recipes import load_recipe
 from fastlearn.training import new_run_dir, stage_plan
 
@@ -49,6 +50,16 @@ def test_run_outputs(image_folder, tmp_path):
     env = json.loads((d / "environment.json").read_text())
     assert env["seed"] == r.seed and env["versions"]["torch"] and env["versions"]["fastai"]
     assert len(env["git_commit"]["fastlearn"] or "x" * 40) == 40
+
+
+def test_recipe_sets_the_dataloader_workers(image_folder):
+    from fastlearn.training import learner_from_recipe
+    base = {"arch": "test_resnet", "pretrained": False, "size": 32, "bs": 8}
+    learn, _ = learner_from_recipe(image_folder, "transfer", {**base, "num_workers": 1}, progress=False)
+    # fastai keeps the worker count in the torch-side loader (its own `num_workers` is a sharding count)
+    assert learn.dls.train.fake_l.num_workers == 1 and learn.dls.valid.fake_l.num_workers == 1
+    learn, _ = learner_from_recipe(image_folder, "transfer", base, progress=False)
+    assert learn.dls.train.fake_l.num_workers == default_num_workers()
 
 
 def test_swa_switch_adds_averaged_epochs(image_folder, tmp_path):
