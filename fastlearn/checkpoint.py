@@ -30,6 +30,7 @@ from torch import nn
 
 from .errors import CheckpointError
 from .models import unwrap_model  # timm's: strips DDP, torch.compile and EMA wrappers, nested too
+from .precision import learner_device
 
 __all__ = ["atomic_write", "save_weights", "load_weights", "load_learner", "Checkpointer", "ResumeAt", "CheckpointState",
            "resume_state", "read_state", "plain", "latest_checkpoint", "rng_state", "set_rng_state", "recipe_diff",
@@ -256,8 +257,7 @@ class CheckpointState:
         if self.state.get("optimizer") is not None:
             # torch puts each state tensor on its parameter's device: move the model to the data's device
             # first (fastai moves it only at the start of fit), or Adam's moments stay on the CPU
-            if getattr(learn.dls, "device", None) is not None:
-                learn.model.to(learn.dls.device)
+            learn.model.to(learner_device(learn))
             if learn.opt is None:
                 learn.create_opt()
             learn.opt.load_state_dict(self.state["optimizer"])

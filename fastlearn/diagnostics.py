@@ -273,9 +273,9 @@ def sanity_check(learn, n_batches: int = 8, overfit_batches: int = 5, overfit_st
     it runs inside `learner_snapshot`, so the learner's weights, freezing and optimizer come back as found.
     """
     from .lr_finder import learner_snapshot
+    from .precision import learner_device
     model, dls = learn.model, learn.dls
-    if getattr(dls, "device", None) is not None:
-        model.to(dls.device)  # where fit would put it; the batches below come on dls.device
+    model.to(learner_device(learn))  # where fit would put it; the batches below come on dls.device
     n_classes = int(getattr(dls, "c", 0) or 0)
     results = [trainable_verdict(sum(p.numel() for p in model.parameters() if p.requires_grad),
                                  sum(p.numel() for p in model.parameters()))]

@@ -133,13 +133,12 @@ class LossScaleState(Callback):
 
     def __init__(self):
         self.state: dict | None = None
-        self._live = False
 
     def _scaler(self):
-        return getattr(self.learn, "scaler", None) if self._live else None
+        "The live GradScaler: fastai's MixedPrecision sets `learn.scaler` for a fit and None after it."
+        return getattr(self.learn, "scaler", None)
 
     def before_fit(self):
-        self._live = True
         scaler = self._scaler()
         if scaler is not None and self.state is not None and scaler.is_enabled():
             scaler.load_state_dict(self.state)
@@ -148,9 +147,6 @@ class LossScaleState(Callback):
         scaler = self._scaler()
         if scaler is not None and scaler.is_enabled():
             self.state = scaler.state_dict()
-
-    def after_fit(self):
-        self._live = False
 
     def state_dict(self) -> dict:
         "The scaler's state now (inside a fit: the live scaler's, for a mid-epoch checkpoint)."

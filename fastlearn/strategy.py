@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .precision import learner_device
+
 __all__ = ["DatasetStats", "Thresholds", "measure_dataset", "probe_accuracy", "decide", "choose_strategy", "STRATEGIES"]
 
 STRATEGIES = ("linear_probe", "fine_tune_top", "full", "scratch")  # what `decide`/`choose_strategy` return
@@ -130,8 +132,7 @@ def _measure(learn, max_images: int, seed: int, bs: int) -> DatasetStats:
     counts = Counter(train_labels)
     n_classes = int(getattr(dls, "c", None) or len(getattr(dls, "vocab", None) or counts))
     per_class = [counts.get(k, 0) for k in range(n_classes)]
-    if getattr(dls, "device", None) is not None:
-        learn.model.to(dls.device)  # where fit would put it; the batches come on dls.device
+    learn.model.to(learner_device(learn))  # where fit would put it; the batches come on dls.device
     model = unwrap_model(learn.model)
     if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
         raise TypeError(f"measure_dataset needs a timm model (forward_features/forward_head); got "
