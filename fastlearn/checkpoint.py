@@ -377,8 +377,9 @@ class Checkpointer(Callback):
             "valid_loss": valid_loss, "best": list(best) if best else None, "history": history,
             "optimizer": self.opt.state_dict() if self.opt is not None else None,
             "rng": rng,
+            # (no smoothed loss yet before the learner's first fit: a checkpoint after the head stage on features)
             "smooth_loss": ({"val": rec.smooth_loss.val.detach().cpu().clone(), "count": rec.smooth_loss.count}
-                            if rec is not None else None),
+                            if rec is not None and hasattr(rec.smooth_loss, "val") else None),
             "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.learn.cbs
                           if _has_state(cb) and cb is not self},
             "recipe": self.recipe, "version": library_version(),

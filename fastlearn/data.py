@@ -30,8 +30,9 @@ from .errors import CorruptImageError, DataError, EmptyClassError, SingleClassEr
 __all__ = ["FolderReport", "check_image_folder", "image_dls", "default_num_workers", "IMAGE_SUFFIXES"]
 
 IMAGENET_MEAN, IMAGENET_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # used when neither stats nor arch given
+VALID_NAMES = ("valid", "val", "validation")  # the validation split's folder name next to train/
 _LAYOUT_HINT = ("expected class subfolders: <folder>/train/<class>/*.jpg with <folder>/valid/<class>/*.jpg "
-                "(or val/), or <folder>/<class>/*.jpg for a random split")
+                "(or val/, validation/), or <folder>/<class>/*.jpg for a random split")
 _BAD_IMAGES = ("error", "skip")
 _MAX_LISTED = 10  # bad paths spelled out in an error message; all of them are on `.paths`
 
@@ -59,6 +60,12 @@ class FolderReport:
     n_ignored: int = 0  # files without an image suffix (e.g. .txt, .csv), left out
     valid_name: str | None = None  # "valid" or "val" for the train_valid layout
     files: tuple[Path, ...] = field(default=(), repr=False)  # the good images, sorted
+
+    def n_train(self, valid_pct: float = 0.2) -> int:
+        "Training images: the train/ split, or what a `valid_pct` random split of a flat folder leaves."
+        if self.layout == "train_valid":
+            return sum(self.counts["train"].values())
+        return self.n_images - int(valid_pct * self.n_images)
 
     def summary(self) -> str:
         "One line for logs: classes, images per split, skipped and ignored files."
@@ -104,12 +111,13 @@ def _find_layout(root: Path) -> tuple[str, dict[str, Path], str | None]:
     "Layout name, split name -> folder, and the valid folder's name; raises DataError on an ambiguous layout."
     train = root / "train"
     if not train.is_dir(): return "flat", {"all": root}, None
-    valids = [n for n in ("valid", "val") if (root / n).is_dir()]
+    valids = [n for n in VALID_NAMES if (root / n).is_dir()]
     if not valids:
-        raise DataError(f"data folder {root} has train/ but no valid/ or val/ folder; add one with the same class "
-                        f"subfolders, or pass {train} itself to split it at random")
-    if len(valids) == 2:
-        raise DataError(f"data folder {root} has both valid/ and val/; keep one of them")
+        raise DataError(f"data folder {root} has train/ but no valid/, val/ or validation/ folder; add one with the "
+                        f"same class subfolders, or pass {train} itself to split it at random")
+    if len(valids) > 1:
+        raise DataError(f"data folder {root} has {' and '.join(n + '/' for n in valids)}; keep one of them as the "
+                        f"validation split")
     return "train_valid", {"train": train, "valid": root / valids[0]}, valids[0]
 
 
@@ -293,6 +301,7 @@ def image_dls(path: str | Path,
               device: torch.device | str | int | None = None,  # None -> fastai's default device
               random_erasing: float = 0.0,  # probability per training image
               rand_augment: str | None = None,  # timm RandAugment config on training items, e.g. "rand-m9-mstd0.5"
+              report: FolderReport | None = None,  # `check_image_folder(path)`'s result, if already computed
               ) -> DataLoaders:
     "fastai DataLoaders for a folder of class subfolders, checked first by `check_image_folder`."
     if not 0 < valid_pct < 1: raise ValueError(f"valid_pct={valid_pct}; use a fraction in (0, 1), e.g. 0.2")
@@ -302,7 +311,8 @@ def image_dls(path: str | Path,
         if arch is None: raise ValueError("size=None needs arch= to look up the model's input size; or pass size=224")
         from .models import model_input_size
         size = model_input_size(arch)
-    report = check_image_folder(path, bad_images=bad_images)
+    if report is None or Path(report.root) != Path(path).expanduser():
+        report = check_image_folder(path, bad_images=bad_images)
     if report.skipped:
         warnings.warn(f"skipping {len(report.skipped)} undecodable file(s) under {report.root}, "
                       f"e.g. {report.skipped[0]}", stacklevel=2)

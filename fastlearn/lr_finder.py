@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from fastai.callback.core import Callback, CancelFitException, CancelValidException
 
-__all__ = ["lr_find", "LRFindResult", "suggest_lrs", "LRSweep", "learner_snapshot"]
+__all__ = ["lr_find", "LRFindResult", "suggest_lrs", "suggest", "SUGGESTERS", "LRSweep", "learner_snapshot"]
 
 
 @dataclass
@@ -86,6 +86,32 @@ def suggest_lrs(lrs, losses, improve: float = 0.02) -> tuple[float, float, float
     above = np.nonzero(y[: i_min + 1] >= level + math.log(1 - improve))[0]
     start = float(lrs[min(above[-1] + 1, i_min)]) if len(above) else float(lrs[0])
     return peak, min(start, peak), lr_at_min, diverged
+
+
+SUGGESTERS = ("peak", "valley", "slide", "steep", "minimum")
+
+
+def suggest(lrs, losses, method: str = "valley") -> float:
+    """One LR from a range test's smoothed losses by `method`: fastlearn's "peak" rule (`suggest_lrs`) or one of
+    fastai's suggesters ("valley", "slide", "steep", "minimum", fastai.callback.schedule), called as fastai's
+    `lr_find` calls them: the first tenth and the last 5 points dropped, and the curve cut at the first NaN."""
+    if method == "peak":
+        return suggest_lrs(lrs, losses)[0]
+    if method not in SUGGESTERS:
+        raise ValueError(f"unknown LR suggester {method!r}; choose one of {', '.join(SUGGESTERS)}")
+    from fastai.callback import schedule
+    lrs, losses = torch.tensor(list(lrs), dtype=torch.float64), torch.tensor(list(losses), dtype=torch.float64)
+    finite = torch.isfinite(losses)
+    if not finite.all():
+        cut = int(torch.nonzero(~finite)[0])
+        lrs, losses = lrs[:cut], losses[:cut]
+    n = len(lrs)
+    lrs, losses = lrs[n // 10: n - 5], losses[n // 10: n - 5]
+    need = 17 if method == "slide" else 3  # fastai's slide compares gradients 15 points apart
+    if len(lrs) < need:
+        raise ValueError(f"the LR sweep has {n} finite points, {len(lrs)} after trimming; the {method!r} suggester "
+                         f"needs at least {need}")
+    return float(getattr(schedule, method)(lrs, losses, n)[0])
 
 
 class LRSweep(Callback):

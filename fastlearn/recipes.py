@@ -38,7 +38,8 @@ class Recipe:
     pretrained: bool = True
     size: int = 224                     # final training resolution, px
     valid_size: int | None = None       # evaluation resolution, px (None = size)
-    bs: int = 64                        # per-device batch size
+    bs: int | None = None               # per-device batch size; None = from the training images (budget.batch_size_for)
+    min_steps: int = 100                # steps the automatic batch size gives the fine-tuning one-cycle, at least
     valid_pct: float = 0.2              # used when the folder has no valid/ split
     seed: int = 42
     augment: bool = True                # fastai aug_transforms on the batch
@@ -50,6 +51,12 @@ class Recipe:
     strategy: Strategy = "full"
     lr: float | None = None             # peak LR of the head stage; None = from lr_find
     lr_find: bool = True
+    lr_suggester: Literal["peak", "valley", "slide", "steep", "minimum"] = "valley"  # picks the LR off the sweep
+    head_features: bool = True          # pretrained body: train the head on features computed once (LP-FT)
+    head_steps: int = 300               # optimizer steps of the head on cached features
+    ft_lr: float | None = None          # peak LR of the first fine-tuning stage (top group); None = from the head's
+    ft_lr_factor: float = 0.5           # first fine-tuning stage's peak LR / the head's (when ft_lr is None)
+    keep_best: bool = True              # end with the best stage end's weights (by validation metric, then loss)
     lr_ratio: float = 100.0             # head LR / first-group LR, geometric in between
     head_epochs: int = 1
     unfreeze_epochs: int = 1            # per intermediate unfreezing stage
@@ -127,7 +134,8 @@ class Recipe:
 
 _RANGES: dict[str, tuple[float | None, float | None, str]] = {
     # key: (low, high, kind) kind: "open" (low < v < high), "closed" (low <= v <= high), "low" (v > low), "ge"
-    "size": (16, None, "ge"), "valid_size": (16, None, "ge"), "bs": (1, None, "ge"),
+    "size": (16, None, "ge"), "valid_size": (16, None, "ge"), "bs": (1, None, "ge"), "min_steps": (1, None, "ge"),
+    "head_steps": (1, None, "ge"), "ft_lr": (0, None, "low"), "ft_lr_factor": (0, None, "low"),
     "valid_pct": (0, 1, "open"), "random_erasing": (0, 1, "closed"),
     "lr": (0, None, "low"), "lr_ratio": (1, None, "ge"), "head_epochs": (0, None, "ge"),
     "unfreeze_epochs": (0, None, "ge"), "epochs": (0, None, "ge"), "unfreeze_step": (1, None, "ge"),

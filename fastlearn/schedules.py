@@ -44,9 +44,11 @@ def one_cycle_scheds(lr_max, div: float = 25.0, final_div: float = 1e5, pct_star
     float32(pct_start) (relative LR error up to ~1e-7); these are the closed forms in float64.
     """
     lr_max = np.asarray(lr_max, dtype=float)
+    scalar = lr_max.ndim == 0  # fastai's set_hyper takes a Python float or one value per param group
 
     def lr(pos: float):
-        return lr_max * (one_cycle_lr(pos, 1.0, div, final_div, pct_start))
+        v = lr_max * one_cycle_lr(pos, 1.0, div, final_div, pct_start)
+        return float(v) if scalar else v
 
     def mom(pos: float):
         return one_cycle_mom(pos, moms, pct_start)

@@ -20,9 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .features import BNShift as _BNShift, _features, _loader  # one implementation of the frozen-body pass
 from .precision import learner_device
 
-__all__ = ["DatasetStats", "Thresholds", "measure_dataset", "probe_accuracy", "decide", "choose_strategy", "STRATEGIES"]
+__all__ = ["DatasetStats", "Thresholds", "measure_dataset", "probe_accuracy", "decide", "choose_strategy",
+           "stats_from_features", "STRATEGIES"]
 
 STRATEGIES = ("linear_probe", "fine_tune_top", "full", "scratch")  # what `decide`/`choose_strategy` return
 
@@ -96,6 +98,18 @@ def decide(stats: DatasetStats, thresholds: Thresholds = Thresholds()) -> tuple[
     return strategy, f"{size}, {why_sim} ({sim}) -> {strategy}{note}"
 
 
+def stats_from_features(learn, feats, probe_acc: float) -> DatasetStats:
+    """DatasetStats from the run's cached features (`fastlearn.features.extract_features`) and the validation
+    accuracy of the head trained on them, which is the linear probe: nothing is computed twice."""
+    counts = Counter(int(v) for v in feats.train_y.tolist()) if feats.train_y.dim() == 1 else Counter()
+    n_classes = int(getattr(learn.dls, "c", None) or len(counts))
+    per_class = [counts.get(k, 0) for k in range(n_classes)]
+    return DatasetStats(n_train=len(learn.dls.train_ds), n_classes=n_classes,
+                        images_per_class=float(np.median(per_class)), min_per_class=int(min(per_class)),
+                        probe_acc=float(probe_acc), bn_shift=feats.bn_shift, probe_train=len(feats.train_y),
+                        probe_valid=len(feats.valid_y), n_bn_layers=feats.n_bn_layers, seconds=feats.seconds)
+
+
 def choose_strategy(learn, recipe, thresholds: Thresholds = Thresholds(), max_images: int = 400) -> tuple[str, str]:
     "(strategy, why) for `learn`'s data and model: `scratch` without pretrained weights, else decide(measure_dataset)."
     if not recipe.pretrained:
@@ -149,7 +163,7 @@ def _measure(learn, max_images: int, seed: int, bs: int) -> DatasetStats:
             xva, yva = _features(model, _loader(dls, dls.valid_ds, va_idx, bs))
     finally:
         model.train(was_training)
-    acc = probe_accuracy(xtr, ytr, xva, yva)
+    acc = probe_accuracy(xtr.numpy(), ytr.numpy(), xva.numpy(), yva.numpy())
     return DatasetStats(n_train=len(train_labels), n_classes=n_classes, images_per_class=float(np.median(per_class)),
                         min_per_class=int(min(per_class)), probe_acc=acc, bn_shift=bn.shift(),
                         probe_train=len(ytr), probe_valid=len(yva), n_bn_layers=len(bn.layers),
@@ -179,60 +193,3 @@ def _labels(ds) -> list[int]:
 def _pick(n: int, cap: int, rng: np.random.Generator) -> list[int]:
     return sorted(rng.choice(n, size=min(n, cap), replace=False).tolist())
 
-
-def _loader(dls, ds, idx: list[int], bs: int):
-    "A DataLoader over `ds[idx]` with the validation transforms (no random crop or augmentation), in order."
-    kw = dict(bs=bs, shuffle=False, drop_last=False)
-    if hasattr(ds, "tls"):  # fastai Datasets: re-run the validation pipeline on the chosen items
-        return dls.test_dl([ds.items[i] for i in idx], with_labels=True, **kw)
-    return dls.valid.new(dataset=[ds[i] for i in idx], **kw)
-
-
-def _features(model: nn.Module, dl) -> tuple[np.ndarray, np.ndarray]:
-    "Pooled pre-logits features (timm) and labels for every batch of `dl`."
-    xs, ys = [], []
-    for xb, yb in dl:
-        xb = xb.as_subclass(torch.Tensor)  # fastai's TensorImage routes every op through __torch_function__: slow
-        xs.append(model.forward_head(model.forward_features(xb), pre_logits=True).flatten(1).float().cpu())
-        ys.append(torch.as_tensor(yb).flatten().cpu())
-    return torch.cat(xs).numpy(), torch.cat(ys).numpy().astype(int)
-
-
-class _BNShift:
-    """Context manager: hooks every BatchNorm with running stats and accumulates the per-channel mean of
-    its input; `shift()` compares it with the stored running mean in units of the running std."""
-
-    def __init__(self, model: nn.Module):
-        self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                       and m.track_running_stats and m.running_mean is not None]
-        self.sums: dict[int, torch.Tensor] = {}
-        self.counts: dict[int, int] = {}
-        self.handles = []
-
-    def _hook(self, i: int):
-        def hook(mod, args):
-            x = args[0].detach().float()
-            dims = [d for d in range(x.dim()) if d != 1]  # all but channels
-            self.sums[i] = self.sums.get(i, 0) + x.sum(dims).cpu()
-            self.counts[i] = self.counts.get(i, 0) + x.numel() // x.shape[1]
-        return hook
-
-    def __enter__(self):
-        self.handles = [m.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(self.layers)]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-    def shift(self) -> float:
-        "Mean over layers of mean_c |mu_new - mu_run| / sqrt(var_run + eps); nan for a model without BN."
-        per_layer = []
-        for i, m in enumerate(self.layers):
-            if i not in self.sums:
-                continue
-            mu = self.sums[i] / self.counts[i]
-            d = (mu - m.running_mean.float().cpu()).abs() / torch.sqrt(m.running_var.float().cpu() + m.eps)
-            per_layer.append(float(d.mean()))
-        return float(np.mean(per_layer)) if per_layer else float("nan")

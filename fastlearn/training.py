@@ -17,7 +17,7 @@ from fastai.callback.core import Callback
 
 from .progress import epoch_metrics
 from .recipes import Recipe, load_recipe
-from .schedules import UnfreezeStage, unfreeze_plan
+from .schedules import UnfreezeStage, unfreeze_plan  # noqa: F401  (UnfreezeStage: the head stage on features)
 
 __all__ = ["run_recipe", "learner_from_recipe", "environment", "RunResult", "HyperTrace", "MetricsLog", "new_run_dir", "stage_plan"]
 
@@ -35,6 +35,10 @@ class RunResult:
     stages: list[dict] = field(default_factory=list)
     why: str = ""                       # why `auto` chose this strategy
     swa: dict = field(default_factory=dict)  # run_swa's valid losses and which weights were kept ({} without SWA)
+    timings: dict = field(default_factory=dict)  # seconds: features, lr_find, head, probe, total
+    probe_accuracy: float | None = None  # the head on frozen features' validation accuracy (a linear probe)
+    kept: dict | None = None            # which weights the run ended with, and why (keep_best)
+    ft_peak_lr: float | None = None     # peak LR of the first fine-tuning stage
 
 
 class HyperTrace(Callback):
@@ -110,10 +114,31 @@ def stage_plan(recipe: Recipe, n_groups: int, strategy: str) -> list[UnfreezeSta
     raise ValueError(f"unknown strategy {strategy!r}")
 
 
+def use_feature_head(learn, r: Recipe, strategy: str) -> bool:
+    "Whether the head stage trains on cached frozen-body features: pretrained weights and a plain linear head."
+    if not (r.head_features and r.pretrained) or strategy == "scratch" or r.mixup or r.cutmix:
+        return False  # mixup/cutmix mix images, which cached features cannot do
+    from .features import supports_feature_head
+    return supports_feature_head(learn.model, size=min(64, r.size))
+
+
+def _stage_name(n_trainable: int, n_groups: int) -> str:
+    return "head" if n_trainable == 1 else f"top{n_trainable}" if n_trainable < n_groups else "all"
+
+
+def _first_metric(learn) -> tuple[float, float]:
+    "(valid_loss, first metric) of the last epoch fastai recorded; the metric is nan when there is none."
+    vals = epoch_metrics(learn.recorder)
+    names = [k for k in vals if k not in ("epoch", "train_loss", "valid_loss")]
+    score = float(vals[names[0]]) if names else float("nan")
+    return float(vals.get("valid_loss", float("nan"))), score
+
+
 def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, overrides: dict | None = None,
                runs_root: str | Path = "runs", resume: bool = False, checkpoint_steps: int = 0) -> RunResult:
-    """Run `recipe` on `learn`: choose the strategy, find the LR, train each unfreezing stage as a
-    one-cycle with discriminative LRs, and write everything into a run folder.
+    """Run `recipe` on `learn`: find the LR, train the head (on cached features when the body is pretrained),
+    choose the strategy (`auto`), fine-tune each unfreezing stage as a one-cycle with discriminative LRs, keep
+    the best stage end's weights, and write everything into a run folder.
 
     Checkpoints go to `run_dir/checkpoints` every `recipe.checkpoint_every` epochs, at each stage's end and,
     with `checkpoint_steps`, every that many batches. `resume=True` continues `run_dir` from its latest
@@ -122,8 +147,11 @@ def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, over
     from .checkpoint import Checkpointer, ResumeAt, resume_state
     from .distributed import broadcast_object, global_batch_size, is_main_process
     from .guard import NonFiniteGuard
+    from .keep import Candidate, KeepBest
     from .schedules import scale_lr
     r = load_recipe(recipe, overrides)
+    if r.bs is None:  # the batch size the DataLoaders were built with is what runs (and what recipe.toml records)
+        r = r.replace(bs=int(learn.dls.train.bs))
     main = is_main_process()  # under DDP only rank 0 writes files and prints; all ranks train
     if resume and run_dir is None:
         raise ValueError("resume=True needs run_dir, the run folder to continue")
@@ -134,67 +162,110 @@ def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, over
         run_dir.mkdir(parents=True, exist_ok=True)
     state = resume_state(run_dir, r) if resume else None
     t0 = time.perf_counter()
+    timings: dict[str, float] = {}
     strategy, why = r.strategy, ""
     if state is not None:
         strategy, why = state.extra["strategy"], state.extra["why"]
-    elif strategy == "auto":
-        from .strategy import choose_strategy
-        strategy, why = broadcast_object(choose_strategy(learn, r))
-        if main:
-            print(f"auto strategy: {strategy} ({why})", flush=True)
-    plan = stage_plan(r, learn.n_layer_groups, strategy)
-    if main:
-        r.save(run_dir / "recipe.toml")
-        (run_dir / "environment.json").write_text(json.dumps(environment(r.seed), indent=2))
+    on_features = state.extra.get("on_features", False) if state is not None else \
+        use_feature_head(learn, r, "full" if strategy == "auto" else strategy)
     trace, log = HyperTrace(), MetricsLog(run_dir / "metrics.csv", write=main)
-    # the callbacks see the chosen strategy (resizing needs the run's length, compile its last stage)
-    total_steps = sum(st.epochs for st in plan) * len(learn.dls.train)
-    extra = recipe_callbacks(learn, r.replace(strategy=strategy), run_dir, total_steps=total_steps)
-    stages = []
-    ckpt = Checkpointer(run_dir, r.checkpoint_every, r.keep_last, checkpoint_steps, recipe=r,
-                        extra_state=lambda: {"strategy": strategy, "why": why, "peak": peak, "stages": stages,
-                                             "trace": trace.rows, "metrics": log.rows})
+    stages: list[dict] = []
+    keep = KeepBest(run_dir / "checkpoints" / "kept.safetensors", write=main) if r.keep_best else None
+    peak, ft_peak, probe = r.lr, r.ft_lr, None
     guard = NonFiniteGuard()
+
+    def extra_state() -> dict:
+        return {"strategy": strategy, "why": why, "peak": peak, "ft_peak": ft_peak, "stages": stages,
+                "trace": trace.rows, "metrics": log.rows, "on_features": on_features, "probe": probe,
+                "kept": keep.state_dict() if keep else None, "timings": timings}
+    ckpt = Checkpointer(run_dir, r.checkpoint_every, r.keep_last, checkpoint_steps, recipe=r, extra_state=extra_state)
 
     def label_stage(name: str) -> None:  # the stage name in traces, metrics, guard messages and progress lines
         for cb in [trace, log, guard] + [c for c in learn.cbs if hasattr(c, "stage")]:
             cb.stage = name
-    learn.freeze_top(plan[0].n_trainable)
-    peak = r.lr
+
+    def offer(name: str, valid_loss: float, score: float) -> None:
+        if keep is not None:
+            keep.offer(learn.model, Candidate(name, score, valid_loss, len(trace.rows)))
+
+    if state is None and on_features:
+        # -- the head on features the frozen body computes once: LR sweep, head stage and auto's probe --
+        strategy, why, peak, probe = _head_on_features(learn, r, run_dir if main else None, trace, log, stages, timings,
+                                                       main)
+        label_stage("head")
+        offer("head", stages[-1]["valid_loss"], stages[-1].get(_score_key(stages[-1]), float("nan")))
+    elif state is None and strategy == "auto":
+        from .strategy import choose_strategy
+        ts = time.perf_counter()
+        strategy, why = broadcast_object(choose_strategy(learn, r))
+        timings["probe"] = time.perf_counter() - ts
+        if main:
+            print(f"auto strategy: {strategy} ({why})", flush=True)
+    plan = stage_plan(r, learn.n_layer_groups, strategy)
+    if on_features and plan[0].n_trainable == 1:  # the head stage ran on features: its epochs are not images'
+        plan[0] = UnfreezeStage(1, 0, plan[0].lr_mult)
+    if main:
+        r.save(run_dir / "recipe.toml")
+        (run_dir / "environment.json").write_text(json.dumps(environment(r.seed), indent=2))
+    # the callbacks see the chosen strategy (resizing needs the run's length, compile its last stage)
+    total_steps = sum(st.epochs for st in plan) * len(learn.dls.train)
+    extra = recipe_callbacks(learn, r.replace(strategy=strategy), run_dir, total_steps=total_steps)
+    learn.freeze_top(plan[0].n_trainable if plan[0].epochs else next((s.n_trainable for s in plan if s.epochs), 1))
     if state is not None:
         learn.freeze_top(plan[min(state.stage, len(plan) - 1)].n_trainable)
         state.restore(learn, extra)
         ckpt.load_history(state)
-        peak, stages = state.extra["peak"], list(state.extra["stages"])
+        peak, ft_peak, probe = state.extra["peak"], state.extra.get("ft_peak"), state.extra.get("probe")
+        stages, timings = list(state.extra["stages"]), dict(state.extra.get("timings") or {})
         trace.rows, log.rows = list(state.extra["trace"]), list(state.extra["metrics"])
+        if keep is not None and state.extra.get("kept"):
+            keep.load_state_dict(state.extra["kept"])
         if main:
             print(f"resuming {run_dir} from {state.path.name}: stage {state.stage + 1}/{len(plan)}, "
                   f"epoch {state.epoch}/{state.stage_epochs}, batch {state.iter}", flush=True)
+    elif on_features:
+        learn.add_cb(ckpt)  # a checkpoint after the head stage: a resume skips it (and its feature pass)
+        ckpt.stage_index = 0
+        try:
+            ckpt.save(epoch=0, iter=0, valid_loss=stages[-1]["valid_loss"], stage_epochs=0)
+        finally:
+            learn.remove_cb(ckpt)
     elif peak is None:
         if not r.lr_find:
             raise ValueError("recipe sets lr_find = false but gives no lr; set lr = <peak LR>")
-        # every rank sweeps together (at the global batch); rank 0's suggestion is used everywhere
-        found = learn.find_lr(plot=run_dir / "lr_find.png" if main else None)
+        # every rank sweeps together (at the global batch); rank 0's suggestion is used everywhere. The sweep is
+        # bounded by the run: at most a tenth of its steps (at least 20, at most 100)
+        num_it = int(min(100, max(20, 0.1 * total_steps)))
+        ts = time.perf_counter()
+        found = learn.find_lr(num_it=num_it, plot=run_dir / "lr_find.png" if main else None)
+        timings["lr_find"] = time.perf_counter() - ts
         peak = broadcast_object(found.peak)
         if main:
             print(f"lr_find: peak {found.peak:.2e}, start {found.start:.2e}", flush=True)
     else:  # a recipe's fixed LR is for `lr_ref_bs` images per step: scale to this run's global batch
         peak = scale_lr(peak, global_batch_size(r.bs, r.grad_accum), r.lr_ref_bs, r.lr_scale_rule)
+    if ft_peak is None:  # after a head stage, fine-tuning starts lower; without one the first stage is the sweep's
+        head_ran = on_features or any(st.n_trainable == 1 and st.epochs for st in plan)
+        ft_peak = peak * (r.ft_lr_factor if head_ran else 1.0)
+    elif state is None:
+        ft_peak = scale_lr(ft_peak, global_batch_size(r.bs, r.grad_accum), r.lr_ref_bs, r.lr_scale_rule)
     for i, st in enumerate(plan):
         epochs, resume_cb = st.epochs, []
+        if st.epochs == 0:
+            continue
         if state is not None:  # the first stage run after a resume: skip finished stages, go on mid-stage
             if i < state.stage or (i == state.stage and state.stage_done):
                 continue
-            if st.epochs > 0:  # a 0-epoch stage draws nothing: the RNGs wait for the next real one
-                resume_cb = [ResumeAt(state) if i == state.stage else ResumeAt(state, epoch=0, stage_epochs=st.epochs)]
-                epochs, state = st.epochs - resume_cb[0].epoch_offset, None
-        name = "head" if st.n_trainable == 1 else f"top{st.n_trainable}" if st.n_trainable < learn.n_layer_groups else "all"
+            resume_cb = [ResumeAt(state) if i == state.stage else ResumeAt(state, epoch=0, stage_epochs=st.epochs)]
+            epochs, state = st.epochs - resume_cb[0].epoch_offset, None
+        name = _stage_name(st.n_trainable, learn.n_layer_groups)
         label_stage(name)
         ckpt.stage_index = i
         learn.freeze_top(st.n_trainable)  # fastai's freeze_to clears the optimizer state
         if resume_cb and resume_cb[0].mid_stage:  # mid-stage: the state the interrupted stage had built up
             resume_cb[0].st.restore_optimizer(learn)
-        hi = peak * st.lr_mult
+        # the head stage's peak is the sweep's; fine-tuning stages start at ft_peak, lower for each deeper one
+        hi = peak * st.lr_mult if st.n_trainable == 1 else ft_peak * st.lr_mult / _first_ft_mult(plan)
         lr = slice(hi / r.lr_ratio, hi) if st.n_trainable > 1 else hi
         ts = time.perf_counter()
         learn.fit_stage(epochs, lr, r.div, r.final_div, r.pct_start, r.moms,
@@ -204,28 +275,125 @@ def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, over
         stages.append({"stage": name, "trainable_groups": st.n_trainable, "epochs": ran,
                        "peak_lr": hi, **{k: float(v) for k, v in vals.items()},
                        "seconds": round(time.perf_counter() - ts, 1)})
+        offer(name, *_first_metric(learn))
     swa = {}
     if r.swa_epochs:  # SWA after the last stage, at a constant LR, keeping the last stage's groups and LR ratio
         from .swa import run_swa
         last = plan[-1]
-        swa_hi = r.swa_lr if r.swa_lr is not None else peak * last.lr_mult / 10
+        last_hi = peak * last.lr_mult if last.n_trainable == 1 else ft_peak * last.lr_mult / _first_ft_mult(plan)
+        swa_hi = r.swa_lr if r.swa_lr is not None else last_hi / 10
         swa_lrs = learn.layer_lrs(slice(swa_hi / r.lr_ratio, swa_hi) if last.n_trainable > 1 else swa_hi)
         label_stage("swa")
         swa = run_swa(learn, r.swa_epochs, swa_lrs, cbs=[trace, log, guard], mom=r.moms[0])
     from .resize import ProgressiveResize
     at_valid_size = [cb for cb in extra if isinstance(cb, ProgressiveResize)]  # evaluate at valid_size
+    kept = None
     with learn.added_cbs(at_valid_size):
         for cb in extra:
             if callable(getattr(type(cb), "finish", None)):
                 cb.finish(learn)
         valid_loss, *mets = learn.validate()
+        final = Candidate("final", float(mets[0]) if mets else float("nan"), float(valid_loss), len(trace.rows))
+        if keep is not None and keep.best is not None and not _better_or_same(final, keep.best):
+            keep.restore(learn.model)  # a stage end beat the weights the run ended with: keep that stage's
+            kept = {"stage": keep.best.stage, "accuracy": keep.best.score, "valid_loss": keep.best.valid_loss,
+                    "final_accuracy": final.score, "final_valid_loss": final.valid_loss,
+                    "why": f"stage {keep.best.stage!r} reached validation {_metric_text(keep.best)}, better than the "
+                           f"end of the run ({_metric_text(final)}); its weights were kept"}
+            valid_loss, *mets = learn.validate()
+        else:
+            kept = {"stage": "final", "accuracy": final.score, "valid_loss": final.valid_loss,
+                    "why": "the end of the run was the best on validation" if keep is not None else
+                           "keep_best = false: the weights the run ended with"}
+    timings["total"] = time.perf_counter() - t0
     acc = float(mets[0]) if mets else float("nan")
-    result = RunResult(run_dir, r, strategy, acc, float(valid_loss), time.perf_counter() - t0, peak, stages, why, swa)
+    result = RunResult(run_dir, r, strategy, acc, float(valid_loss), time.perf_counter() - t0, peak, stages, why, swa,
+                       timings=timings, probe_accuracy=probe, kept=kept, ft_peak_lr=ft_peak)
     if main:
         _write_outputs(learn, result, trace, log)
         from .progress import summary_table
         summary_table(stages, title=f"{r.name}: {strategy}, accuracy {acc:.4f} in {result.seconds:.0f}s")
+        if kept and kept["stage"] != "final":
+            print(f"kept: {kept['why']}", flush=True)
     return result
+
+
+def _score_key(stage: dict) -> str:
+    "The first metric's name in a stage row (after the losses)."
+    return next((k for k in stage if k not in ("stage", "trainable_groups", "epochs", "peak_lr", "train_loss",
+                                               "valid_loss", "seconds", "epoch")), "")
+
+
+def _first_ft_mult(plan) -> float:
+    "The LR multiplier of the first fine-tuning stage (the one ft_peak applies to)."
+    return next((st.lr_mult for st in plan if st.n_trainable > 1 and st.epochs), 1.0)
+
+
+def _better_or_same(a, b) -> bool:
+    from .keep import better
+    return better(a, b)
+
+
+def _metric_text(c) -> str:
+    import math
+    return (f"accuracy {c.score:.4f}, loss {c.valid_loss:.4f}" if math.isfinite(c.score)
+            else f"loss {c.valid_loss:.4f}")
+
+
+def _head_on_features(learn, r: Recipe, plot_dir, trace, log, stages: list, timings: dict, main: bool):
+    """The head stage on cached features: one frozen-body pass, an LR sweep of the head, the head's one-cycle and,
+    for `auto`, the 2x2 decision from the head's validation accuracy (the linear probe) and the BN shift.
+    Returns (strategy, why, head peak LR, probe accuracy)."""
+    from fastai.callback.schedule import ParamScheduler
+    from .budget import feature_batch_size, feature_epochs
+    from .distributed import broadcast_object, is_distributed
+    from .features import extract_features, head_learner
+    from .lr_finder import lr_find, plot_lr_find, suggest
+    from .schedules import one_cycle_scheds
+    ts = time.perf_counter()
+    feats = extract_features(learn, bs=max(32, r.bs or 32), seed=r.seed)
+    timings["features"] = time.perf_counter() - ts
+    n = len(feats.train_y)
+    bs = feature_batch_size(n)
+    epochs = feature_epochs(n, bs, r.head_steps)
+    hl = head_learner(learn, feats, bs, r.wd, seed=r.seed)
+    peak = r.lr
+    if peak is None:
+        if not r.lr_find:
+            raise ValueError("recipe sets lr_find = false but gives no lr; set lr = <peak LR>")
+        ts = time.perf_counter()
+        found = lr_find(hl, num_it=200)
+        peak = suggest(found.lrs, found.losses, r.lr_suggester)
+        timings["lr_find"] = time.perf_counter() - ts
+        if plot_dir is not None:
+            found.peak = peak  # the plot marks the LR the run uses
+            plot_lr_find(found, Path(plot_dir) / "lr_find.png")
+    peak = broadcast_object(peak)
+    log.stage = trace.stage = "head"
+    ts = time.perf_counter()
+    hl.fit(epochs, cbs=[ParamScheduler(one_cycle_scheds(peak, r.div, r.final_div, r.pct_start, r.moms)), trace, log])
+    if is_distributed():  # every rank trained the same head on the same features; make it bitwise rank 0's
+        import torch.distributed as dist
+        for p in hl.model.parameters():
+            dist.broadcast(p.data, src=0)
+    valid_loss, score = _first_metric(hl)
+    vals = {k: float(v) for k, v in epoch_metrics(hl.recorder).items()}
+    timings["head"] = time.perf_counter() - ts
+    stages.append({"stage": "head", "trainable_groups": 1, "epochs": epochs, "peak_lr": peak, **vals,
+                   "seconds": round(timings["features"] + timings.get("lr_find", 0) + timings["head"], 1)})
+    if main:
+        metric = f" {_score_key(stages[-1])} {score:.4f}" if score == score else ""
+        print(f"[head] on cached features: {n} train / {len(feats.valid_y)} valid images, {epochs} epochs x "
+              f"{n // bs} steps at peak LR {peak:.2e}: valid_loss {valid_loss:.4f}{metric} "
+              f"(features {timings['features']:.1f}s, sweep {timings.get('lr_find', 0):.1f}s, "
+              f"head {timings['head']:.1f}s)", flush=True)
+    strategy, why = r.strategy, ""
+    if strategy == "auto":
+        from .strategy import decide, stats_from_features
+        strategy, why = broadcast_object(decide(stats_from_features(learn, feats, score)))
+        if main:
+            print(f"auto strategy: {strategy} ({why})", flush=True)
+    return strategy, why, peak, score
 
 
 def _git_commit(where: Path) -> str | None:
@@ -271,6 +439,24 @@ def _write_outputs(learn, res: RunResult, trace: HyperTrace, log: MetricsLog) ->
     plot_run(trace.rows, log.rows, d)
 
 
+def _epoch_end_steps(trace_rows: list[dict], epoch_rows: list[dict]) -> list[float]:
+    "The optimizer step at which each logged epoch ended: stages differ in steps per epoch (the head on features)."
+    steps_of, first_of = {}, {}
+    for r in trace_rows:
+        steps_of[r["stage"]] = steps_of.get(r["stage"], 0) + 1
+        first_of.setdefault(r["stage"], r["step"])
+    epochs_of: dict[str, int] = {}
+    for r in epoch_rows:
+        epochs_of[r["stage"]] = epochs_of.get(r["stage"], 0) + 1
+    out, seen = [], {}
+    for r in epoch_rows:
+        st = r["stage"]
+        seen[st] = seen.get(st, 0) + 1
+        per = steps_of.get(st, 0) / max(1, epochs_of[st])
+        out.append(first_of.get(st, out[-1] if out else 0) + per * seen[st])
+    return out
+
+
 def plot_run(trace_rows: list[dict], epoch_rows: list[dict], out: Path) -> None:
     "loss.png (training loss per step, validation loss per epoch) and schedule.png (LR and momentum)."
     from matplotlib.figure import Figure  # no pyplot: never switches the user's (notebook's) backend
@@ -281,9 +467,8 @@ def plot_run(trace_rows: list[dict], epoch_rows: list[dict], out: Path) -> None:
     ax = fig.subplots()
     ax.plot(steps, [r["loss"] for r in trace_rows], lw=0.8, label="train loss (per step)")
     if epoch_rows and "valid_loss" in epoch_rows[0]:
-        per_epoch = len(steps) / max(1, len(epoch_rows))
-        ax.plot([per_epoch * (i + 1) for i in range(len(epoch_rows))], [r["valid_loss"] for r in epoch_rows],
-                "o-", label="valid loss (per epoch)")
+        ax.plot(_epoch_end_steps(trace_rows, epoch_rows), [r["valid_loss"] for r in epoch_rows], "o-",
+                label="valid loss (per epoch)")
     ax.set_xlabel("optimizer step"); ax.set_ylabel("loss"); ax.legend(); ax.set_title("loss")
     fig.tight_layout(); fig.savefig(out / "loss.png", dpi=100)
     fig = Figure(figsize=(7, 5))
@@ -316,8 +501,15 @@ def learner_from_recipe(data: str | Path, recipe="transfer", overrides: dict | l
     choose_precision(r.precision, None)  # a bf16/fp16 recipe on a CPU fails here, before the data is read
     path = sample(str(data)) if is_sample_name(str(data)) and not Path(data).exists() else Path(data)
     set_seed(r.seed, reproducible=True)
+    report = None
+    if r.bs is None:  # schedules sized in steps: the batch size follows the number of training images
+        from .budget import batch_size_for
+        from .data import check_image_folder
+        report = check_image_folder(path, bad_images=r.bad_images)
+        r = r.replace(bs=batch_size_for(report.n_train(r.valid_pct), r.epochs, r.min_steps))
     # images load at the largest size the run needs; ProgressiveResize shrinks training batches on the device
     dls = image_dls(path, size=max(r.size, r.valid_size or r.size), bs=r.bs, valid_pct=r.valid_pct, seed=r.seed,
+                    report=report,
                     arch=r.arch, augment=r.augment, flip=r.flip, bad_images=r.bad_images, random_erasing=r.random_erasing,
                     rand_augment=r.rand_augment, num_workers=r.num_workers)
     learn = transfer_learner(dls, r.arch, pretrained=r.pretrained, opt=r.opt, lookahead=r.lookahead, wd=r.wd,

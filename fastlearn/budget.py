@@ -1,0 +1,42 @@
+"""Schedules sized in optimizer steps: batch sizes and head-stage length derived from the number of training images.
+
+A one-cycle needs steps, not epochs: its warm-up, peak and annealing are fractions of the steps it has, so a
+245-image folder at batch 64 (3 full batches an epoch) gives a 3-epoch cycle of 9 steps, a warm-up of 2 and
+nothing to anneal with. On a CPU an image costs about the same at batch 16 as at batch 64, so the cheap lever is
+the batch size: the largest power of two that still gives the fine-tuning cycle `min_steps` steps, never below
+`bs_min` (BatchNorm's batch statistics get noisy under ~16 images). All rules are pure functions of counts.
+"""
+from __future__ import annotations
+
+import math
+
+__all__ = ["batch_size_for", "feature_epochs", "feature_batch_size"]
+
+
+def batch_size_for(n_train: int, epochs: int, min_steps: int = 100, bs_max: int = 64, bs_min: int = 16) -> int:
+    """Largest power of two in [bs_min, bs_max] whose `epochs` epochs of full batches give at least `min_steps`
+    optimizer steps; `bs_min` when none does; never more than `n_train` (there must be one full batch)."""
+    if n_train < 1:
+        raise ValueError(f"n_train must be >= 1, got {n_train}")
+    if not 1 <= bs_min <= bs_max:
+        raise ValueError(f"need 1 <= bs_min <= bs_max, got bs_min={bs_min}, bs_max={bs_max}")
+    epochs = max(1, epochs)
+    bs = 1 << int(math.log2(bs_max))
+    while bs > bs_min and epochs * (n_train // bs) < min_steps:
+        bs //= 2
+    bs = max(bs, bs_min)
+    while bs > 1 and bs > n_train:
+        bs //= 2
+    return bs
+
+
+def feature_batch_size(n_train: int, bs_max: int = 64, min_steps_per_epoch: int = 8) -> int:
+    "Batch size for the head on cached features: at least `min_steps_per_epoch` steps an epoch, at most `bs_max`."
+    bs = max(1, min(bs_max, n_train // min_steps_per_epoch))
+    return 1 << int(math.log2(bs))
+
+
+def feature_epochs(n_train: int, bs: int, steps: int, max_epochs: int = 200) -> int:
+    "Epochs of the head on cached features that give at least `steps` optimizer steps (at most `max_epochs`)."
+    per_epoch = max(1, n_train // bs)
+    return int(min(max_epochs, max(1, math.ceil(steps / per_epoch))))

@@ -1,0 +1,62 @@
+"""Cached frozen-body features: the head trained on them is the model's own classifier, nothing else moves."""
+import copy
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from fastlearn.features import extract_features, feature_head, head_learner, supports_feature_head
+from fastlearn.models import create_model
+
+
+@pytest.mark.parametrize("arch", ["test_resnet", "test_efficientnet", "test_convnext", "test_vit"])
+def test_timm_heads_are_linear_on_pooled_features(arch):
+    m = create_model(arch, 3, pretrained=False, drop_rate=0.2)
+    assert supports_feature_head(m)
+    assert feature_head(m)[1] is m.get_classifier()      # the head shares the model's own parameters
+
+
+def test_a_model_without_timm_head_api_is_not_supported():
+    assert not supports_feature_head(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 3)))
+
+
+@pytest.fixture
+def learner(image_folder):
+    from fastlearn.training import learner_from_recipe
+    learn, _ = learner_from_recipe(image_folder, "transfer", {"arch": "test_resnet", "pretrained": False, "size": 32,
+                                                                 "bs": 8}, progress=False)
+    return learn
+
+
+def test_features_leave_model_and_rngs_alone(learner):
+    before = copy.deepcopy(learner.model.state_dict())
+    states = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+    f = extract_features(learner, bs=8)
+    assert f.train_x.shape == (len(learner.dls.train_ds), learner.model.num_features)
+    assert f.valid_x.shape[0] == len(learner.dls.valid_ds) and f.train_y.dtype == torch.long
+    assert all(torch.equal(v, learner.model.state_dict()[k]) for k, v in before.items())
+    assert random.getstate() == states[0] and (np.random.get_state()[1] == states[1]).all()
+    assert torch.equal(torch.get_rng_state(), states[2])
+
+
+def test_head_on_features_is_the_models_head(learner):
+    f = extract_features(learner, bs=8)
+    hl = head_learner(learner, f, bs=8, wd=0.01)
+    hl.fit(3, lr=1e-2)
+    loss_h, acc_h = hl.validate()
+    loss_m, acc_m = learner.validate()          # the full model, images through the body, same head weights
+    assert loss_m == pytest.approx(loss_h, rel=1e-4, abs=1e-5) and acc_m == pytest.approx(acc_h)
+
+
+def test_adapted_bn_statistics_are_the_training_images(learner):
+    from fastlearn.batchnorm import bn_layers
+    bns = bn_layers(learner.model)
+    before = [b.running_mean.clone() for b in bns]
+    f = extract_features(learner, bs=8, adapt_bn=True)
+    assert any(not torch.equal(b.running_mean, m0) for b, m0 in zip(bns, before))
+    assert all(b.momentum == 0.1 for b in bns)     # the layers' own momentum is back
+    assert not learner.model.training or True
+    # the validation features are what the model now computes in eval mode
+    hl = head_learner(learner, f, bs=8, wd=0.01)
+    assert learner.validate()[0] == pytest.approx(hl.validate()[0], rel=1e-4, abs=1e-5)

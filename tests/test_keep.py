@@ -1,0 +1,43 @@
+"""Keep the best: the pure rule, and the weights kept and restored."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fastlearn.keep import Candidate, KeepBest, better
+
+
+def test_rule():
+    a = Candidate("head", 0.90, 0.40)
+    assert better(a, None)
+    assert better(Candidate("all", 0.91, 0.9), a)          # higher score wins whatever the loss
+    assert not better(Candidate("all", 0.89, 0.1), a)
+    assert better(Candidate("all", 0.90, 0.39), a)         # same score: lower loss wins
+    assert better(Candidate("all", 0.90, 0.40), a)         # exact tie: the later one (trained longer)
+    assert not better(Candidate("all", 0.90, 0.41), a)
+    nan = Candidate("x", math.nan, 0.5)                    # no metric: the loss decides
+    assert better(Candidate("y", math.nan, 0.4), nan) and not better(Candidate("y", math.nan, 0.6), nan)
+    assert not better(Candidate("z", 0.5, math.nan), Candidate("w", 0.5, 1.0))
+
+
+def test_keep_and_restore(tmp_path):
+    m = nn.Linear(3, 2)
+    k = KeepBest(tmp_path / "kept.safetensors")
+    assert k.offer(m, Candidate("head", 0.8, 0.5))
+    kept = {n: v.clone() for n, v in m.state_dict().items()}
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    assert not k.offer(m, Candidate("all", 0.7, 0.4))     # worse: not kept
+    k.restore(m)
+    assert all(torch.equal(m.state_dict()[n], v) for n, v in kept.items())
+    # a resumed run knows the record and reads the weights from disk
+    k2 = KeepBest(tmp_path / "kept.safetensors")
+    k2.load_state_dict(k.state_dict())
+    assert k2.best == Candidate("head", 0.8, 0.5)
+    with torch.no_grad():
+        m.weight.zero_()
+    k2.restore(m)
+    assert all(torch.equal(m.state_dict()[n], v) for n, v in kept.items())
+    with pytest.raises(RuntimeError, match="no weights"):
+        KeepBest(tmp_path / "none.safetensors").restore(m)
