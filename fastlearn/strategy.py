@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,6 +102,9 @@ def choose_strategy(learn, recipe, thresholds: Thresholds = Thresholds(), max_im
                            "keep, so everything is trained in one one-cycle -> scratch")
     stats = measure_dataset(learn, max_images=max_images, seed=recipe.seed)
     strategy, why = decide(stats, thresholds)
+    from .labels import is_multi_label
+    if is_multi_label(learn.dls):
+        why += "; multi-label: the probe accuracy is the mean per-label balanced accuracy of one-vs-rest probes"
     return strategy, f"{why}; measured on {stats.probe_train}+{stats.probe_valid} images in {stats.seconds:.1f}s"
 
 
@@ -128,10 +130,9 @@ def _measure(learn, max_images: int, seed: int, bs: int) -> DatasetStats:
     if len(dls.train_ds) == 0 or len(dls.valid_ds) == 0:
         raise ValueError(f"measure_dataset needs training and validation images; got {len(dls.train_ds)} and "
                          f"{len(dls.valid_ds)}; add images (or a validation split)")
-    train_labels = _labels(dls.train_ds)
-    counts = Counter(train_labels)
-    n_classes = int(getattr(dls, "c", None) or len(getattr(dls, "vocab", None) or counts))
-    per_class = [counts.get(k, 0) for k in range(n_classes)]
+    from .labels import class_counts
+    per_class = class_counts(dls)  # a multi-label image counts for each of its labels
+    n_classes = len(per_class)
     learn.model.to(learner_device(learn))  # where fit would put it; the batches come on dls.device
     model = unwrap_model(learn.model)
     if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
@@ -150,30 +151,26 @@ def _measure(learn, max_images: int, seed: int, bs: int) -> DatasetStats:
     finally:
         model.train(was_training)
     acc = probe_accuracy(xtr, ytr, xva, yva)
-    return DatasetStats(n_train=len(train_labels), n_classes=n_classes, images_per_class=float(np.median(per_class)),
+    return DatasetStats(n_train=len(dls.train_ds), n_classes=n_classes, images_per_class=float(np.median(per_class)),
                         min_per_class=int(min(per_class)), probe_acc=acc, bn_shift=bn.shift(),
                         probe_train=len(ytr), probe_valid=len(yva), n_bn_layers=len(bn.layers),
                         seconds=time.perf_counter() - t0)
 
 
 def probe_accuracy(xtr: np.ndarray, ytr: np.ndarray, xva: np.ndarray, yva: np.ndarray, C: float = 1.0) -> float:
-    "Valid accuracy of an L2-regularised logistic regression on standardised features (sklearn)."
+    """Valid accuracy of an L2-regularised logistic regression on standardised features (sklearn).
+    Multi-label (2-D 0/1 targets): the mean balanced accuracy of one probe per label (one-vs-rest)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    if ytr.ndim == 2:
+        from .labels import multi_label_probe
+        return multi_label_probe(xtr, ytr, xva, yva, C)
     if len(np.unique(ytr)) < 2:  # one class: the probe is a constant predictor
         return float(np.mean(yva == ytr[0]))
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=1000))
     clf.fit(xtr, ytr)
     return float(clf.score(xva, yva))
-
-
-def _labels(ds) -> list[int]:
-    "Integer training labels without decoding images: fastai `Datasets` through their label pipeline only."
-    if hasattr(ds, "tls"):
-        tl = ds.tls[-1]
-        return [int(tl[i]) for i in range(len(ds))]
-    return [int(ds[i][-1]) for i in range(len(ds))]
 
 
 def _pick(n: int, cap: int, rng: np.random.Generator) -> list[int]:
@@ -194,7 +191,7 @@ def _features(model: nn.Module, dl) -> tuple[np.ndarray, np.ndarray]:
     for xb, yb in dl:
         xb = xb.as_subclass(torch.Tensor)  # fastai's TensorImage routes every op through __torch_function__: slow
         xs.append(model.forward_head(model.forward_features(xb), pre_logits=True).flatten(1).float().cpu())
-        ys.append(torch.as_tensor(yb).flatten().cpu())
+        ys.append(torch.as_tensor(yb).reshape(len(xb), -1).squeeze(1).cpu())  # (n,) classes or (n, C) multi-label
     return torch.cat(xs).numpy(), torch.cat(ys).numpy().astype(int)
 
 
