@@ -174,7 +174,7 @@ def check_csv(path: str | Path, fn_col: str | None = None, label_col: str | None
         if spaced:
             warnings.warn(f"{len(spaced)} label(s) in {csv} column {lab!r} hold spaces, e.g. {spaced[0]!r}: each is "
                           f"read as ONE class; if they are several labels per image, set multi_label = true",
-                          stacklevel=3)
+                          stacklevel=4)  # the caller of image_dls
     if val is not None:
         flags = [s.strip().lower() for s in df[val]]
         odd = [i for i, s in enumerate(flags) if s not in _TRUE | _FALSE]
