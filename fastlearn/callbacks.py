@@ -58,4 +58,6 @@ def recipe_callbacks(learn, r, run_dir: Path, total_steps: int | None = None) ->
     if r.health_every:
         from .health import HealthMonitor
         cbs.append(HealthMonitor(every=r.health_every, csv_path=Path(run_dir) / "health.csv"))
+    from .loggers import logger_callbacks  # recipe key loggers: tensorboard, mlflow, wandb (fastlearn/loggers.py)
+    cbs += logger_callbacks(r, run_dir)
     return cbs

@@ -23,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
                        description="Train RECIPE on --data. Extra key=value arguments override recipe keys, "
                                    "e.g. `fastlearn train transfer --data ./pets epochs=3 lr=1e-3`.")
     t.add_argument("recipe", help="recipe name (see `fastlearn recipes`) or path to a .toml file")
-    t.add_argument("--data", required=True, help="image folder (train/ + valid/, or class folders) or 'digits'")
+    t.add_argument("--data", required=True, help="image folder (train/ + valid/, or class folders), a CSV of file "
+                   "names and labels (or a folder with labels.csv), or 'digits'")
     t.add_argument("--out", default="runs", help="parent folder of run folders (default: runs)")
     t.add_argument("--run-dir", default=None, help="exact run folder (must not hold a previous run unless --resume)")
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
@@ -33,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("lr-find", help="LR range test: print the peak and start LR, save the plot",
                        description="Run the LR range test on the head of ARCH over --data and save lr_find.png.")
-    f.add_argument("--data", required=True, help="image folder or 'digits'")
+    f.add_argument("--data", required=True, help="image folder, CSV of file names and labels, or 'digits'")
+    f.add_argument("--multi-label", action="store_true", help="CSV labels are space-separated (sigmoid/BCE)")
     f.add_argument("--arch", default="tf_efficientnet_lite0", help="timm architecture name")
     f.add_argument("--size", type=int, default=None, help="image size in px (default: the arch's)")
     f.add_argument("--bs", type=int, default=32, help="batch size")
@@ -43,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("doctor", help="sanity checks: initial loss, overfit a few batches, data checks",
                        description="Run the sanity checks on --data with --arch and print pass/fail with numbers.")
-    d.add_argument("--data", required=True, help="image folder or 'digits'")
+    d.add_argument("--data", required=True, help="image folder, CSV of file names and labels, or 'digits'")
+    d.add_argument("--multi-label", action="store_true", help="CSV labels are space-separated (sigmoid/BCE)")
     d.add_argument("--arch", default="tf_efficientnet_lite0", help="timm architecture name")
     d.add_argument("--size", type=int, default=64, help="image size in px")
     d.add_argument("--bs", type=int, default=32, help="batch size")
@@ -127,7 +130,7 @@ def _report(res) -> None:
 def _lr_find(a) -> int:
     from .data import image_dls
     from .learner import transfer_learner
-    dls = image_dls(_data_arg(a.data), size=a.size, bs=a.bs, arch=a.arch)
+    dls = image_dls(_data_arg(a.data), size=a.size, bs=a.bs, arch=a.arch, multi_label=a.multi_label)
     learn = transfer_learner(dls, a.arch, pretrained=not a.no_pretrained, progress=False)
     res = learn.find_lr(num_it=a.num_it, plot=a.plot)
     print(f"peak lr (one-cycle lr_max): {res.peak:.3e}")
@@ -139,7 +142,7 @@ def _lr_find(a) -> int:
 def _doctor(a) -> int:
     from .diagnostics import doctor_main
     return doctor_main(a.data, a.arch, size=a.size, bs=a.bs, pretrained=not a.no_pretrained, recipe=a.recipe,
-                       run=a.run)
+                       run=a.run, overrides={"multi_label": True} if a.multi_label else None)
 
 
 def _search(a) -> int:

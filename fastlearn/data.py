@@ -27,7 +27,7 @@ from timm.data.random_erasing import RandomErasing
 
 from .errors import CorruptImageError, DataError, EmptyClassError, SingleClassError
 
-__all__ = ["FolderReport", "check_image_folder", "image_dls", "default_num_workers", "IMAGE_SUFFIXES"]
+__all__ = ["FolderReport", "check_image_folder", "image_dls", "default_num_workers", "IMAGE_SUFFIXES", "label_info"]
 
 IMAGENET_MEAN, IMAGENET_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # used when neither stats nor arch given
 VALID_NAMES = ("valid", "val", "validation")  # the validation split's folder name next to train/
@@ -301,9 +301,13 @@ def image_dls(path: str | Path,
               device: torch.device | str | int | None = None,  # None -> fastai's default device
               random_erasing: float = 0.0,  # probability per training image
               rand_augment: str | None = None,  # timm RandAugment config on training items, e.g. "rand-m9-mstd0.5"
-              report: FolderReport | None = None,  # `check_image_folder(path)`'s result, if already computed
+              report=None,  # `check_image_folder(path)`'s (or `labels.label_report`'s) result, if already computed
+              multi_label: bool = False,  # CSV only: space-separated labels per image (fastlearn/labels.py)
+              threshold: float = 0.5,  # multi-label: sigmoid threshold of a predicted class
+              **csv_args,  # CSV only: fn_col, label_col, valid_col, folder (see fastlearn.labels.check_csv)
               ) -> DataLoaders:
-    "fastai DataLoaders for a folder of class subfolders, checked first by `check_image_folder`."
+    """fastai DataLoaders for a folder of class subfolders (checked first by `check_image_folder`), or for a
+    CSV of file names and labels: a .csv path or a folder holding labels.csv (checked by `labels.check_csv`)."""
     if not 0 < valid_pct < 1: raise ValueError(f"valid_pct={valid_pct}; use a fraction in (0, 1), e.g. 0.2")
     if not 0 <= random_erasing <= 1: raise ValueError(f"random_erasing={random_erasing}; use a probability in [0, 1]")
     if rand_augment is not None: _check_rand_augment(rand_augment)  # before the folder is scanned
@@ -311,14 +315,20 @@ def image_dls(path: str | Path,
         if arch is None: raise ValueError("size=None needs arch= to look up the model's input size; or pass size=224")
         from .models import model_input_size
         size = model_input_size(arch)
-    if report is None or Path(report.root) != Path(path).expanduser():
-        report = check_image_folder(path, bad_images=bad_images)
+    from .labels import csv_parts, label_report, set_label_info
+    if report is None:
+        report = label_report(path, bad_images=bad_images, valid_pct=valid_pct, seed=seed, multi_label=multi_label,
+                              threshold=threshold, **csv_args)
+    y_block = CategoryBlock
     if report.skipped:
         warnings.warn(f"skipping {len(report.skipped)} undecodable file(s) under {report.root}, "
                       f"e.g. {report.skipped[0]}", stacklevel=2)
     if report.layout == "train_valid":
         splitter, label = _folder_splitter(report.root, report.valid_name), _ClassFolderLabel(report.root, 1)
         n_valid = sum(report.counts["valid"].values())
+    elif report.layout == "csv":
+        label, splitter, y_block = csv_parts(report)
+        n_valid = len(report.valid_files)
     else:
         splitter, label = _random_splitter(valid_pct, seed), _ClassFolderLabel(report.root, 0)
         n_valid = int(valid_pct * report.n_images)  # the cut fastai's RandomSplitter makes
@@ -345,7 +355,7 @@ def image_dls(path: str | Path,
 
     workers = default_num_workers() if num_workers is None else num_workers
     target = torch.device(device) if device is not None else default_device()
-    block = DataBlock(blocks=(ImageBlock, CategoryBlock), get_items=lambda _: list(report.files), get_y=label,
+    block = DataBlock(blocks=(ImageBlock, y_block), get_items=lambda _: list(report.files), get_y=label,
                       splitter=splitter, item_tfms=item_tfms, batch_tfms=batch_tfms)
     # no persistent_workers: fastai's DataLoader builds a new torch iterator each epoch, so its workers are
     # forked again every epoch whatever that flag says (counted: 2 workers, 3 epochs, 6 process starts)
@@ -354,5 +364,12 @@ def image_dls(path: str | Path,
     # fastai seeds each DataLoader's shuffle rng from the global `random`; seed it so the order follows `seed`
     dls.train.rng = random.Random(seed)
     dls.folder_report = report
+    set_label_info(dls, multi_label, threshold)
     return dls
+
+
+def label_info(dls) -> dict:
+    "{'multi_label', 'threshold', 'classes'} of DataLoaders: what a model trained on them predicts (fastlearn.labels)."
+    from .labels import label_info as info
+    return info(dls)
 

@@ -107,21 +107,23 @@ def duplicates_verdict(n_dup: int, n_valid: int, examples: Sequence[tuple[str, s
                        "the validation split, or the validation accuracy overstates what the model learnt")
 
 
-def initial_loss_verdict(loss: float, n_classes: int, tol: float = 0.25) -> CheckResult:
-    "With a fresh head the cross-entropy should be about log(C): the model starts unsure of every class."
-    expected = math.log(n_classes)
+def initial_loss_verdict(loss: float, n_classes: int, tol: float = 0.25, multi_label: bool = False) -> CheckResult:
+    """With a fresh head the cross-entropy should be about log(C): the model starts unsure of every class.
+    Multi-label (binary cross-entropy per class, averaged): about ln 2, each sigmoid starting near 0.5."""
+    expected, name = (math.log(2), "ln_2") if multi_label else (math.log(n_classes), "log_C")
+    what = "ln 2 (per label)" if multi_label else "log(C)"
     rel = abs(loss - expected) / expected if math.isfinite(loss) else math.inf
-    nums = {"loss": loss, "log_C": expected, "rel_error": rel, "tolerance": tol}
+    nums = {"loss": loss, name: expected, "rel_error": rel, "tolerance": tol}
     if rel <= tol:
         return CheckResult("initial_loss", True, nums)
     if not math.isfinite(loss):
         hint = "the loss at initialisation is not finite: look for NaN/inf inputs or labels outside [0, C)"
     elif loss > expected:
-        hint = (f"loss at init {loss:.3f} is far above log(C) = {expected:.3f}: the head starts confident, "
+        hint = (f"loss at init {loss:.3f} is far above {what} = {expected:.3f}: the head starts confident, "
                 "usually because inputs are not normalised (huge activations) or the head is not freshly "
                 "initialised; check the normalisation check and the labels")
     else:
-        hint = (f"loss at init {loss:.3f} is far below log(C) = {expected:.3f}: the task may be trivial or "
+        hint = (f"loss at init {loss:.3f} is far below {what} = {expected:.3f}: the task may be trivial or "
                 "leaky (label information in the input), or the number of classes is wrong")
     return CheckResult("initial_loss", False, nums, hint)
 
@@ -169,14 +171,6 @@ def _take(dl, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def _labels(ds) -> list[int]:
-    "Class index of every item, without decoding images where the dataset allows (fastai Datasets' tls[1])."
-    tls = getattr(ds, "tls", None)
-    if tls is not None and len(tls) > 1:
-        return [int(tls[1][i]) for i in range(len(ds))]
-    return [int(ds[i][1]) for i in range(len(ds))]
-
-
 def _item_keys(ds) -> tuple[list[str], list[str]]:
     "(hash, name) per item: file bytes for path items (fastai Datasets.items), tensor bytes otherwise."
     from pathlib import Path
@@ -202,12 +196,8 @@ def check_duplicates(dls) -> CheckResult:
 
 
 def check_balance(dls, max_ratio: float = 3.0) -> CheckResult:
-    labels = _labels(dls.train_ds)
-    c = int(getattr(dls, "c", 0) or (max(labels) + 1))
-    counts = [0] * c
-    for y in labels:
-        counts[y] += 1
-    return balance_verdict(counts, max_ratio)
+    from .labels import class_counts
+    return balance_verdict(class_counts(dls), max_ratio)  # multi-label: images holding each label
 
 
 def check_normalisation(batches) -> CheckResult:
@@ -238,13 +228,25 @@ def _reset_head(model: nn.Module) -> bool:
     return True
 
 
+def _loss(out: torch.Tensor, y: torch.Tensor, multi: bool, reduction: str = "mean") -> torch.Tensor:
+    "Plain cross-entropy, or for multi-label binary cross-entropy averaged over labels (as BCEWithLogitsLossFlat)."
+    if not multi:
+        return F.cross_entropy(out, y, reduction=reduction)
+    per_item = F.binary_cross_entropy_with_logits(out, y.float(), reduction="none").mean(1)
+    return per_item.sum() if reduction == "sum" else per_item.mean()
+
+
 @torch.no_grad()
-def _mean_loss_acc(model, batches) -> tuple[float, float]:
-    losses, correct, n = [], 0, 0
+def _mean_loss_acc(model, batches, multi: bool = False, thresh: float = 0.5) -> tuple[float, float]:
+    "Mean loss and accuracy (multi-label: per-label accuracy at `thresh`, fastai's accuracy_multi) over batches."
+    losses, correct, n = [], 0.0, 0
     for xb, yb in batches:
         out = _plain(model(xb))
-        losses.append(float(F.cross_entropy(out, yb, reduction="sum")))
-        correct += int((out.argmax(1) == yb).sum())
+        losses.append(float(_loss(out, yb, multi, reduction="sum")))
+        if multi:
+            correct += float(((out.sigmoid() > thresh) == yb.bool()).float().mean(1).sum())
+        else:
+            correct += int((out.argmax(1) == yb).sum())
         n += len(yb)
     return sum(losses) / max(1, n), correct / max(1, n)
 
@@ -266,15 +268,18 @@ def sanity_check(learn, n_batches: int = 8, overfit_batches: int = 5, overfit_st
                  duplicates: bool = True) -> list[CheckResult]:
     """Run every sanity check on `learn` and restore it exactly (weights, optimizer, RNGs, data order).
 
-    The initial-loss check re-initialises the head and measures plain cross-entropy (no label smoothing)
-    in eval mode (no dropout; BatchNorm does not hide unnormalised inputs). The overfit check then trains
-    every parameter (frozen ones too) on `overfit_batches` fixed training batches with its own Adam for
-    `overfit_steps` steps; the learnable-labels check evaluates that model on validation batches. All of
-    it runs inside `learner_snapshot`, so the learner's weights, freezing and optimizer come back as found.
+    The initial-loss check re-initialises the head and measures plain cross-entropy (no label smoothing;
+    binary cross-entropy for multi-label data) in eval mode (no dropout; BatchNorm does not hide
+    unnormalised inputs). The overfit check then trains every parameter (frozen ones too) on
+    `overfit_batches` fixed training batches with its own Adam for `overfit_steps` steps; the
+    learnable-labels check evaluates that model on validation batches. All of it runs inside `learner_snapshot`, so the learner's weights, freezing and optimizer come back as found.
     """
+    from .labels import is_multi_label, label_info
     from .lr_finder import learner_snapshot
     from .precision import learner_device
     model, dls = learn.model, learn.dls
+    multi = is_multi_label(dls)
+    thresh = label_info(dls)["threshold"] or 0.5
     model.to(learner_device(learn))  # where fit would put it; the batches below come on dls.device
     n_classes = int(getattr(dls, "c", 0) or 0)
     results = [trainable_verdict(sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -289,11 +294,11 @@ def sanity_check(learn, n_batches: int = 8, overfit_batches: int = 5, overfit_st
         if duplicates:
             results.append(check_duplicates(dls))
         if n_classes < 2:
-            n_classes = int(max(int(y.max()) for _, y in train)) + 1
+            n_classes = train[0][1].shape[1] if multi else int(max(int(y.max()) for _, y in train)) + 1
         _reset_head(model)
         model.eval()
-        loss0, _ = _mean_loss_acc(model, train[:n_batches])
-        results.append(initial_loss_verdict(loss0, n_classes, loss_tol))
+        loss0, _ = _mean_loss_acc(model, train[:n_batches], multi, thresh)
+        results.append(initial_loss_verdict(loss0, n_classes, loss_tol, multi_label=multi))
         # overfit: every parameter trainable, a fixed subset, plain Adam (independent of the learner's optimizer)
         sub = train[:overfit_batches]
         for p in model.parameters():
@@ -303,20 +308,24 @@ def sanity_check(learn, n_batches: int = 8, overfit_batches: int = 5, overfit_st
         first = last = math.nan
         for step in range(overfit_steps):
             xb, yb = sub[step % len(sub)]
-            loss = F.cross_entropy(_plain(model(xb)), yb)
+            loss = _loss(_plain(model(xb)), yb, multi)
             opt.zero_grad()
             loss.backward()
             opt.step()
             if step == 0:
                 first = loss.item()
             last = loss.item()
-        _, acc = _mean_loss_acc(model, sub)        # train mode: what the batches were fitted in
+        _, acc = _mean_loss_acc(model, sub, multi, thresh)  # train mode: what the batches were fitted in
         results.append(overfit_verdict(first, last, acc))
         model.eval()
         if valid:
-            _, vacc = _mean_loss_acc(model, valid)
+            _, vacc = _mean_loss_acc(model, valid, multi, thresh)
             labels = torch.cat([y for _, y in train])
-            chance = float(torch.bincount(labels, minlength=n_classes).max()) / len(labels)  # majority class
+            if multi:  # the best constant guess per label: its majority value
+                p = labels.float().mean(0)
+                chance = float(torch.maximum(p, 1 - p).mean())
+            else:
+                chance = float(torch.bincount(labels, minlength=n_classes).max()) / len(labels)  # majority class
             results.append(generalise_verdict(vacc, chance, sum(len(y) for _, y in valid), acc))
     return results
 

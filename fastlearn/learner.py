@@ -19,6 +19,7 @@ from fastai.learner import Learner
 from fastai.metrics import accuracy
 from fastai.vision.augment import Normalize
 
+from .labels import is_multi_label, label_info, multi_label_metrics
 from .losses import make_loss
 from .lr_finder import LRFindResult, lr_find
 from .optim import GroupMap, opt_func as make_opt_func, split_decay
@@ -118,6 +119,8 @@ def transfer_learner(dls: DataLoaders, arch: str = "tf_efficientnet_lite0", pret
     groups, gmap = split_decay(model, layer_groups(model), decay_norm_bias=wd_norm_bias)
     if loss_func is None:
         loss_func = make_loss(loss, dls, label_smoothing=label_smoothing, gamma=focal_gamma)
+    if metrics is accuracy and is_multi_label(dls):  # the default metric, for multi-label targets
+        metrics = multi_label_metrics(label_info(dls)["threshold"])
     device = getattr(dls, "device", None) or torch.device("cpu")
     learn = TransferLearner(dls, model, arch=arch, group_map=gmap, weight_decay=wd, loss_func=loss_func,
                             opt_func=make_opt_func(opt, lookahead=lookahead, device=torch.device(device)),

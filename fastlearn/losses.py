@@ -6,6 +6,7 @@ import torch
 from fastai.losses import CrossEntropyLossFlat, FocalLossFlat, LabelSmoothingCrossEntropyFlat
 
 from .errors import DataError
+from .labels import is_multi_label, label_info, multi_label_loss
 
 __all__ = ["LOSSES", "class_weights", "make_loss"]
 
@@ -48,6 +49,7 @@ def make_loss(name: str, dls=None, label_smoothing: float = 0.0, gamma: float = 
 
     `label_smoothing` works with "ce" and "weighted_ce" (torch's `label_smoothing`), not with "focal": its
     p_t = exp(-CE) assumes a one-hot target, so a smoothed target would give a different loss than Lin et al.'s.
+    Multi-label `dls` (fastlearn.labels) get binary cross-entropy for "ce"; the other losses are refused.
     """
     if name not in LOSSES:
         raise ValueError(f"loss={name!r}; use one of {', '.join(map(repr, LOSSES))}")
@@ -56,6 +58,8 @@ def make_loss(name: str, dls=None, label_smoothing: float = 0.0, gamma: float = 
     if label_smoothing and name == "focal":
         raise ValueError(f"label_smoothing={label_smoothing} with loss='focal': the focal loss has no label smoothing; "
                          f"set label_smoothing=0, or use loss='ce' or 'weighted_ce'")
+    if dls is not None and is_multi_label(dls):  # BCE with a sigmoid per class; refuses the single-label variants
+        return multi_label_loss(name, label_smoothing, threshold=label_info(dls)["threshold"])
     if name == "ce":
         return LabelSmoothingCrossEntropyFlat(eps=label_smoothing) if label_smoothing else CrossEntropyLossFlat()
     if name == "focal":

@@ -47,6 +47,13 @@ class Recipe:
     random_erasing: float = 0.0         # probability
     rand_augment: str | None = None     # timm RandAugment config, e.g. "rand-m9-mstd0.5" (None = off)
     bad_images: Literal["error", "skip"] = "error"
+    # -- labels (fastlearn/labels.py): a CSV of file name, label (--data labels.csv), multi-label
+    multi_label: bool = False           # space-separated labels per image (CSV only): sigmoid/BCE, F1
+    threshold: float = 0.5              # multi-label: a class is predicted when its sigmoid exceeds this
+    fn_col: str | None = None           # CSV column of file names (None = the first column)
+    label_col: str | None = None        # CSV column of labels (None = the second column)
+    valid_col: str | None = None        # CSV column marking validation rows (None = "is_valid" if present)
+    folder: str | None = None           # CSV: folder the file names are relative to (None = the CSV's folder)
     # -- schedule: lr_find -> head one-cycle -> gradual unfreezing with discriminative LRs
     strategy: Strategy = "full"
     lr: float | None = None             # peak LR of the head stage; None = from lr_find
@@ -103,6 +110,7 @@ class Recipe:
     # -- run bookkeeping
     checkpoint_every: int = 1           # epochs between checkpoints (0 = only at the end)
     keep_last: int = 2                  # checkpoints kept besides the best
+    loggers: tuple[str, ...] = ()       # experiment loggers besides metrics.csv: "tensorboard", "mlflow", "wandb"
 
     def __post_init__(self):
         _validate(self)
@@ -147,7 +155,7 @@ _RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "resize_start": (16, None, "ge"), "resize_multiple": (1, None, "ge"),
     "checkpoint_every": (0, None, "ge"), "keep_last": (1, None, "ge"), "focal_gamma": (0, None, "ge"),
     "swa_epochs": (0, None, "ge"), "swa_lr": (0, None, "low"), "health_every": (0, None, "ge"),
-    "num_workers": (0, None, "ge"),
+    "num_workers": (0, None, "ge"), "threshold": (0, 1, "open"),
 }
 
 
@@ -172,6 +180,8 @@ def _type_ok(v: Any, tp: Any) -> bool:
         return any(_type_ok(v, a) for a in args)
     if tp is type(None):
         return v is None
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[str, ...]: any length
+        return isinstance(v, tuple) and all(_type_ok(x, args[0]) for x in v)
     if origin is tuple:
         return isinstance(v, tuple) and len(v) == len(args) and all(_type_ok(x, a) for x, a in zip(v, args))
     if tp is float:
@@ -185,6 +195,8 @@ def _type_text(tp: Any) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in args)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return f"a list of {_type_text(args[0])}s, e.g. [\"tensorboard\", \"mlflow\"]"
     if args:
         return " or ".join(_type_text(a) for a in args) if origin is not tuple else \
             f"a list of {len(args)} numbers"
@@ -224,6 +236,12 @@ def _validate(r: Recipe) -> None:
                           f"{r.label_smoothing} (focal loss takes hard targets); set label_smoothing = 0")
     if r.mixup and r.cutmix:
         raise RecipeError(f"recipe {r.name!r}: 'mixup' and 'cutmix' are both on; choose one")
+    from .loggers import check_logger_names
+    check_logger_names(r.loggers, origin=f"recipe {r.name!r}")
+    if r.multi_label and (r.loss != "ce" or r.label_smoothing):
+        what = f"'loss' = {r.loss!r}" if r.loss != "ce" else f"'label_smoothing' = {r.label_smoothing}"
+        raise RecipeError(f"recipe {r.name!r}: 'multi_label' = true trains with a per-class sigmoid and binary "
+                          f"cross-entropy, which {what} does not apply to; set loss = \"ce\" and label_smoothing = 0")
 
 
 # -- loading ------------------------------------------------------------------------------------
@@ -247,6 +265,8 @@ def _coerce(key: str, v: Any) -> Any:
     args = typing.get_args(_HINTS[key]) or (_HINTS[key],)
     if isinstance(v, list):
         return tuple(v)
+    if isinstance(v, str) and _HINTS[key] == tuple[str, ...]:  # loggers=tensorboard,mlflow on a command line
+        return tuple(x.strip() for x in v.split(",") if x.strip())
     if isinstance(v, str) and v.lower() == "none" and type(None) in args:
         return None
     if isinstance(v, int) and not isinstance(v, bool) and float in args and int not in args:

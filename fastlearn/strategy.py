@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,7 +100,11 @@ def decide(stats: DatasetStats, thresholds: Thresholds = Thresholds()) -> tuple[
 def stats_from_features(learn, feats, probe_acc: float) -> DatasetStats:
     """DatasetStats from the run's cached features (`fastlearn.features.extract_features`) and the validation
     accuracy of the head trained on them, which is the linear probe: nothing is computed twice."""
-    counts = Counter(int(v) for v in feats.train_y.tolist()) if feats.train_y.dim() == 1 else Counter()
+    y = feats.train_y
+    if y.dim() == 1:
+        counts = Counter(int(v) for v in y.tolist())
+    else:  # multi-label one-hot rows: the images each label is present in
+        counts = Counter({k: int(n) for k, n in enumerate(y.sum(0).round().long().tolist())})
     n_classes = int(getattr(learn.dls, "c", None) or len(counts))
     per_class = [counts.get(k, 0) for k in range(n_classes)]
     return DatasetStats(n_train=len(learn.dls.train_ds), n_classes=n_classes,
@@ -117,6 +120,9 @@ def choose_strategy(learn, recipe, thresholds: Thresholds = Thresholds(), max_im
                            "keep, so everything is trained in one one-cycle -> scratch")
     stats = measure_dataset(learn, max_images=max_images, seed=recipe.seed)
     strategy, why = decide(stats, thresholds)
+    from .labels import is_multi_label
+    if is_multi_label(learn.dls):
+        why += "; multi-label: the probe accuracy is the mean per-label balanced accuracy of one-vs-rest probes"
     return strategy, f"{why}; measured on {stats.probe_train}+{stats.probe_valid} images in {stats.seconds:.1f}s"
 
 
@@ -142,10 +148,9 @@ def _measure(learn, max_images: int, seed: int, bs: int) -> DatasetStats:
     if len(dls.train_ds) == 0 or len(dls.valid_ds) == 0:
         raise ValueError(f"measure_dataset needs training and validation images; got {len(dls.train_ds)} and "
                          f"{len(dls.valid_ds)}; add images (or a validation split)")
-    train_labels = _labels(dls.train_ds)
-    counts = Counter(train_labels)
-    n_classes = int(getattr(dls, "c", None) or len(getattr(dls, "vocab", None) or counts))
-    per_class = [counts.get(k, 0) for k in range(n_classes)]
+    from .labels import class_counts
+    per_class = class_counts(dls)  # a multi-label image counts for each of its labels
+    n_classes = len(per_class)
     learn.model.to(learner_device(learn))  # where fit would put it; the batches come on dls.device
     model = unwrap_model(learn.model)
     if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
@@ -163,31 +168,27 @@ def _measure(learn, max_images: int, seed: int, bs: int) -> DatasetStats:
             xva, yva = _features(model, _loader(dls, dls.valid_ds, va_idx, bs))
     finally:
         model.train(was_training)
-    acc = probe_accuracy(xtr.numpy(), ytr.numpy(), xva.numpy(), yva.numpy())
-    return DatasetStats(n_train=len(train_labels), n_classes=n_classes, images_per_class=float(np.median(per_class)),
+    acc = probe_accuracy(xtr.numpy(), ytr.numpy().astype(int), xva.numpy(), yva.numpy().astype(int))
+    return DatasetStats(n_train=len(dls.train_ds), n_classes=n_classes, images_per_class=float(np.median(per_class)),
                         min_per_class=int(min(per_class)), probe_acc=acc, bn_shift=bn.shift(),
                         probe_train=len(ytr), probe_valid=len(yva), n_bn_layers=len(bn.layers),
                         seconds=time.perf_counter() - t0)
 
 
 def probe_accuracy(xtr: np.ndarray, ytr: np.ndarray, xva: np.ndarray, yva: np.ndarray, C: float = 1.0) -> float:
-    "Valid accuracy of an L2-regularised logistic regression on standardised features (sklearn)."
+    """Valid accuracy of an L2-regularised logistic regression on standardised features (sklearn).
+    Multi-label (2-D 0/1 targets): the mean balanced accuracy of one probe per label (one-vs-rest)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    if ytr.ndim == 2:
+        from .labels import multi_label_probe
+        return multi_label_probe(xtr, ytr, xva, yva, C)
     if len(np.unique(ytr)) < 2:  # one class: the probe is a constant predictor
         return float(np.mean(yva == ytr[0]))
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=1000))
     clf.fit(xtr, ytr)
     return float(clf.score(xva, yva))
-
-
-def _labels(ds) -> list[int]:
-    "Integer training labels without decoding images: fastai `Datasets` through their label pipeline only."
-    if hasattr(ds, "tls"):
-        tl = ds.tls[-1]
-        return [int(tl[i]) for i in range(len(ds))]
-    return [int(ds[i][-1]) for i in range(len(ds))]
 
 
 def _pick(n: int, cap: int, rng: np.random.Generator) -> list[int]:

@@ -492,26 +492,29 @@ def learner_from_recipe(data: str | Path, recipe="transfer", overrides: dict | l
     """
     from fastai.torch_core import set_seed
     from .data import image_dls
+    from .labels import label_args
     from .learner import transfer_learner
     from .models import check_arch
     from .precision import choose_precision
     from .samples import is_sample_name, sample
     r = load_recipe(recipe, overrides)
     check_arch(r.arch)
+    from .loggers import check_loggers
+    check_loggers(r.loggers)  # a logger's missing package fails here, before the data is read
     choose_precision(r.precision, None)  # a bf16/fp16 recipe on a CPU fails here, before the data is read
     path = sample(str(data)) if is_sample_name(str(data)) and not Path(data).exists() else Path(data)
     set_seed(r.seed, reproducible=True)
     report = None
     if r.bs is None:  # schedules sized in steps: the batch size follows the number of training images
         from .budget import batch_size_for
-        from .data import check_image_folder
-        report = check_image_folder(path, bad_images=r.bad_images)
+        from .labels import label_report
+        report = label_report(path, bad_images=r.bad_images, valid_pct=r.valid_pct, seed=r.seed, **label_args(r))
         r = r.replace(bs=batch_size_for(report.n_train(r.valid_pct), r.epochs, r.min_steps))
     # images load at the largest size the run needs; ProgressiveResize shrinks training batches on the device
     dls = image_dls(path, size=max(r.size, r.valid_size or r.size), bs=r.bs, valid_pct=r.valid_pct, seed=r.seed,
                     report=report,
                     arch=r.arch, augment=r.augment, flip=r.flip, bad_images=r.bad_images, random_erasing=r.random_erasing,
-                    rand_augment=r.rand_augment, num_workers=r.num_workers)
+                    rand_augment=r.rand_augment, num_workers=r.num_workers, **label_args(r))
     learn = transfer_learner(dls, r.arch, pretrained=r.pretrained, opt=r.opt, lookahead=r.lookahead, wd=r.wd,
                              wd_norm_bias=r.wd_norm_bias, label_smoothing=r.label_smoothing,
                              drop_rate=r.drop_rate, drop_path=r.drop_path, progress=progress,

@@ -71,3 +71,35 @@ def write_image_folder(root, n_per_class: int = 16, classes=("a", "b", "c"), siz
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory):
     return write_image_folder(tmp_path_factory.mktemp("imgs"))
+
+
+COLOURS = ("red", "green", "blue")
+
+
+def write_csv_dataset(root, n: int = 48, multi_label: bool = False, size: int = 32, seed: int = 0,
+                      is_valid: bool = False, folder: str = "images", columns=("filename", "label")):
+    """Images in `root/folder` and `root/labels.csv` (file name relative to root, label). Single-label: one
+    colour per image (class = its colour, image i has colour i % 3). Multi-label: 2 of the 3 colours in every
+    third image, else 1, one band each on dark noise, labels space-separated (each label in ~4/9 of the
+    images). `is_valid`: every fourth row is a validation row."""
+    import csv
+    from pathlib import Path
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        present = sorted(rng.choice(3, size=1 + (i % 3 == 0), replace=False).tolist()) if multi_label else [i % 3]
+        a = rng.integers(0, 50, (size, size, 3), dtype=np.uint8)
+        band = size // len(present)
+        for j, c in enumerate(present):
+            a[j * band:(j + 1) * band, :, c] += 180
+        Image.fromarray(a).save(root / folder / f"{i}.png")
+        row = [f"{folder}/{i}.png", " ".join(COLOURS[c] for c in present)]
+        rows.append(row + (["true" if i % 4 == 0 else "false"] if is_valid else []))
+    with open(root / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(list(columns) + (["is_valid"] if is_valid else []))
+        w.writerows(rows)
+    return root / "labels.csv"

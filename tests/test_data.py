@@ -379,3 +379,139 @@ def test_rand_augment_invalid_config_is_named(tmp_path, bad):
     with pytest.raises(ValueError, match=r"rand_augment=.*rand-m9-mstd0\.5") as e:
         image_dls(_folder(tmp_path), size=8, rand_augment=bad, **CPU)
     assert repr(bad) in str(e.value)
+
+
+# --- CSV layout (fastlearn/labels.py): file names and labels in a CSV, fastai's from_csv conventions ---------------
+
+from conftest import write_csv_dataset  # noqa: E402
+from fastlearn.data import label_info  # noqa: E402
+from fastlearn.labels import CsvReport, check_csv  # noqa: E402
+
+
+def _csv(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_csv_with_is_valid_column(tmp_path):
+    csv = write_csv_dataset(tmp_path, n=24, is_valid=True)
+    dls = image_dls(csv, size=8, **CPU)
+    r = dls.folder_report
+    assert isinstance(r, CsvReport) and r.layout == "csv" and r.csv == csv and r.root == tmp_path
+    assert (len(dls.train_ds), len(dls.valid_ds)) == (18, 6)  # rows 0, 4, 8, ... are marked valid
+    assert sorted(Path(p).name for p in dls.valid_ds.items) == sorted(f"{i}.png" for i in range(0, 24, 4))
+    assert list(dls.vocab) == list(r.classes) == ["blue", "green", "red"]
+    for ds in (dls.train_ds, dls.valid_ds):  # every image carries the CSV's label (image i is colour i % 3)
+        for p, (_, y) in zip(ds.items, ds):
+            assert dls.vocab[int(y)] == ("red", "green", "blue")[int(Path(p).stem) % 3]
+    assert r.counts == {"train": {"blue": 6, "green": 6, "red": 6}, "valid": {"blue": 2, "green": 2, "red": 2}}
+    assert label_info(dls) == {"multi_label": False, "threshold": None, "classes": ["blue", "green", "red"]}
+    assert dls.multi_label is False and r.summary().endswith("3 classes, 24 images (train 18, valid 6)")
+    assert pickle.loads(pickle.dumps(dls.new_empty())).vocab == ["blue", "green", "red"]  # still exportable
+
+
+def test_csv_folder_with_labels_csv_and_random_split(tmp_path):
+    write_csv_dataset(tmp_path, n=30)  # no is_valid column: the seeded random split of a flat folder
+    a = image_dls(tmp_path, size=8, valid_pct=0.2, seed=1, **CPU)  # a folder holding labels.csv
+    b = image_dls(tmp_path / "labels.csv", size=8, valid_pct=0.2, seed=1, **CPU)
+    c = image_dls(tmp_path, size=8, valid_pct=0.2, seed=2, **CPU)
+    assert (len(a.train_ds), len(a.valid_ds)) == (24, 6) and a.folder_report.layout == "csv"
+    assert a.valid_ds.items == b.valid_ds.items != c.valid_ds.items
+    assert set(a.valid_ds.items) == set(a.folder_report.valid_files)
+
+
+def test_csv_custom_columns_and_image_folder(tmp_path):
+    (tmp_path / "pics").mkdir()
+    for i in range(12):
+        Image.new("RGB", (8, 8), (200 * (i % 2), 0, 0)).save(tmp_path / "pics" / f"im{i}.png")
+    rows = "\n".join(f"{i % 2},im{i}.png,{'bright' if i % 2 else 'dark'},{int(i >= 8)}" for i in range(12))
+    csv = _csv(tmp_path / "meta" / "train.csv", "fold,image,tag,holdout\n" + rows + "\n")
+    dls = image_dls(csv, size=8, fn_col="image", label_col="tag", valid_col="holdout", folder="../pics",
+                    **{**CPU, "bs": 2})
+    assert (len(dls.train_ds), len(dls.valid_ds)) == (8, 4) and list(dls.vocab) == ["bright", "dark"]
+    assert dls.folder_report.columns == ("image", "tag", "holdout")
+
+
+def test_csv_multi_label_targets(tmp_path):
+    csv = write_csv_dataset(tmp_path, n=24, multi_label=True, is_valid=True)
+    with open(csv, "a") as f:
+        f.write("images/0.png,,false\n".replace("0.png", "none.png"))  # a row with no label: all-negative target
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "none.png")
+    dls = image_dls(csv, size=8, multi_label=True, threshold=0.3, **CPU)
+    assert dls.multi_label and label_info(dls) == {"multi_label": True, "threshold": 0.3,
+                                                   "classes": ["blue", "green", "red"]}
+    labels = dls.folder_report.labels
+    for ds in (dls.train_ds, dls.valid_ds):
+        for p, (_, y) in zip(ds.items, ds):
+            assert y.shape == (3,) and {dls.vocab[k] for k in y.nonzero().flatten().tolist()} == set(labels[p])
+    none = dls.train_ds.items.index(tmp_path / "images" / "none.png")
+    assert dls.train_ds[none][1].sum() == 0
+    assert dls.c == 3 and pickle.loads(pickle.dumps(dls.new_empty())).vocab == ["blue", "green", "red"]
+
+
+def test_single_label_csv_with_spaces_warns_and_names_the_key(tmp_path):
+    csv = write_csv_dataset(tmp_path, n=24, multi_label=True, is_valid=True)
+    with pytest.warns(UserWarning, match="multi_label = true"):
+        check_csv(csv)
+
+
+_GOOD = "filename,label,is_valid\n" + "".join(f"{i}.png,{'ab'[i % 2]},{str(i >= 6).lower()}\n" for i in range(8))
+
+
+@pytest.mark.parametrize("name, csv_text, kwargs, error, words", [
+    ("missing csv", None, {}, DataError, ["does not exist", "filename,label"]),
+    ("empty file", "", {}, DataError, ["is empty"]),
+    ("one column", "filename\n0.png\n", {}, DataError, ["1 column(s) ['filename']", "label column"]),
+    ("no rows", "filename,label\n", {}, DataError, ["no rows"]),
+    ("missing fn column", _GOOD, {"fn_col": "fname"}, DataError,
+     ["no column 'fname' (fn_col)", "['filename', 'label', 'is_valid']"]),
+    ("missing label column", _GOOD, {"label_col": "Label"}, DataError, ["no column 'Label'", "did you mean 'label'"]),
+    ("file missing on disk", _GOOD.replace("3.png", "gone3.png").replace("5.png", "gone5.png"), {}, DataError,
+     ["2 of 8 file(s)", "'gone3.png', 'gone5.png'", "line 5, line 7"]),
+    ("listed twice", _GOOD.replace("3.png", "1.png"), {}, DataError, ["more than once", "'1.png'"]),
+    ("empty label", _GOOD.replace("2.png,a", "2.png,"), {}, DataError, ["is empty at line 4", "multi_label"]),
+    ("bad is_valid", _GOOD.replace("0.png,a,false", "0.png,a,maybe"), {}, DataError, ["'maybe'", "true/false"]),
+    ("label only in valid", _GOOD.replace("7.png,b", "7.png,c"), {}, DataError,
+     ["['c']", "only in validation", "column 'is_valid'"]),
+    ("no validation rows", _GOOD.replace(",true", ",false"), {}, DataError, ["no validation image"]),
+    ("one class", _GOOD.replace(",b,", ",a,"), {}, SingleClassError, ["one label ['a']"]),
+    ("corrupt image", _GOOD, {"corrupt": "4.png"}, CorruptImageError, ["4.png", "bad_images='skip'"]),
+    ("class gone after skipping", _GOOD.replace("2.png,a", "2.png,c").replace("4.png,a", "4.png,c"),
+     {"corrupt": ["2.png", "4.png"], "bad_images": "skip"}, EmptyClassError, ["['c']", "after skipping"]),
+])
+def test_bad_csv_is_named_before_training(tmp_path, name, csv_text, kwargs, error, words):
+    for i in range(8):
+        _img(tmp_path / f"{i}.png")
+    kwargs = dict(kwargs)
+    for f in [kwargs.pop("corrupt")] if isinstance(kwargs.get("corrupt"), str) else kwargs.pop("corrupt", []):
+        _truncated(tmp_path / f, "PNG")
+    csv = tmp_path / "labels.csv"
+    if csv_text is not None:
+        _csv(csv, csv_text)
+    with pytest.raises(error) as e:
+        image_dls(csv, size=8, **{**CPU, "bs": 2}, **kwargs)
+    for w in words:
+        assert w in str(e.value), (name, str(e.value))
+
+
+def test_random_split_label_only_in_valid_names_the_split(tmp_path):
+    for i in range(10):
+        _img(tmp_path / f"{i}.png")
+    rows = [f"{i}.png,{'ab'[i % 2]}" for i in range(10)]
+    valid = check_csv(_csv(tmp_path / "labels.csv", "filename,label\n" + "\n".join(rows) + "\n"), seed=3).valid_files
+    lone = sorted(valid)[0].name  # a validation image: give it a label no other image has
+    rows = [r.replace(f"{lone},a", f"{lone},z").replace(f"{lone},b", f"{lone},z") for r in rows]
+    with pytest.raises(DataError, match=r"\['z'\].*random split \(valid_pct=0.2, seed=3\).*seed/valid_pct"):
+        check_csv(_csv(tmp_path / "labels.csv", "filename,label\n" + "\n".join(rows) + "\n"), seed=3)
+
+
+def test_csv_only_arguments_on_a_class_folder_are_refused(tmp_path):
+    root = _folder(tmp_path)
+    with pytest.raises(DataError, match="multi_label=True is for a CSV"):
+        image_dls(root, size=8, multi_label=True, **CPU)
+    with pytest.raises(DataError, match="fn_col='name' is for a CSV"):
+        image_dls(root, size=8, fn_col="name", **CPU)
+    dls = image_dls(root, size=8, **CPU)  # the class-folder layout is unchanged
+    assert dls.folder_report.layout == "flat" and not dls.multi_label
+    assert label_info(dls) == {"multi_label": False, "threshold": None, "classes": ["cat", "dog"]}
