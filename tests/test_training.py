@@ -3,6 +3,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from fastlearn.data import default_num_workers
 from fastlearn.recipes import load_recipe
@@ -72,3 +73,62 @@ def test_swa_switch_adds_averaged_epochs(image_folder, tmp_path):
     assert res.valid_loss == pytest.approx(min(res.swa["swa_valid_loss"], res.swa["raw_valid_loss"]), rel=1e-5)
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
     assert [row["stage"] for row in rows].count("swa") == 2
+
+
+# -- the head on cached features (pretrained body), keep-best, and a resume after the head ----------------------
+
+LITE0 = {"size": 32, "epochs": 1, "head_steps": 40, "seed": 0}
+
+
+def _feature_run(folder, run_dir, stop_after=None, resume=False, **over):
+    from fastlearn.training import learner_from_recipe, run_recipe
+    learn, r = learner_from_recipe(folder, "transfer", {**LITE0, **over}, progress=False)
+    if stop_after:
+        from test_checkpoint import StopAt
+        learn.add_cb(StopAt(stop_after))
+    return run_recipe(learn, r, run_dir=run_dir, resume=resume)
+
+
+@pytest.fixture(scope="module")
+def feature_run(image_folder, tmp_path_factory):
+    return _feature_run(image_folder, tmp_path_factory.mktemp("feat") / "run")
+
+
+def test_head_trains_on_cached_features_then_fine_tunes(feature_run):
+    res, d = feature_run, feature_run.run_dir
+    assert [s["stage"] for s in res.stages][0] == "head" and res.stages[0]["epochs"] >= 1
+    assert [s["stage"] for s in res.stages][1:] and res.stages[-1]["stage"] == "all"
+    assert {"features", "lr_find", "head"} <= set(res.timings) and res.timings["lr_find"] < res.seconds
+    assert res.probe_accuracy == pytest.approx(res.stages[0]["accuracy"])
+    assert (d / "lr_find.png").stat().st_size > 10_000
+    rows = list(csv.DictReader(open(d / "metrics.csv")))
+    assert rows[0]["stage"] == "head" and sum(r["stage"] == "head" for r in rows) == res.stages[0]["epochs"]
+    # the recipe the run used is what it records: the batch size derived from the data
+    assert "bs = " in (d / "recipe.toml").read_text() and res.recipe.bs >= 1
+    # keep-best: never below a stage end it passed, and it says which weights it kept
+    assert res.accuracy >= max(s["accuracy"] for s in res.stages) - 1e-9
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["kept"]["stage"] in {"final"} | {s["stage"] for s in res.stages} and summary["kept"]["why"]
+
+
+def test_keep_best_restores_the_head_when_fine_tuning_wrecks_it(image_folder, tmp_path):
+    res = _feature_run(image_folder, tmp_path / "run", ft_lr=3.0)  # an absurd fine-tuning LR
+    head = res.stages[0]
+    assert res.stages[-1]["accuracy"] < head["accuracy"]
+    assert res.kept["stage"] == "head" and "kept" in res.kept["why"]
+    assert res.accuracy == pytest.approx(head["accuracy"]) and res.valid_loss == pytest.approx(head["valid_loss"])
+    from safetensors.torch import load_file
+    final, kept = load_file(str(tmp_path / "run/model.safetensors")), load_file(str(tmp_path / "run/checkpoints/kept.safetensors"))
+    assert final.keys() == kept.keys() and all(torch.equal(final[k], kept[k]) for k in final)
+
+
+def test_resume_after_the_head_skips_the_feature_pass_and_is_exact(image_folder, tmp_path, feature_run, monkeypatch):
+    from safetensors.torch import load_file
+    import fastlearn.features
+    with pytest.raises(KeyboardInterrupt):
+        _feature_run(image_folder, tmp_path / "run", stop_after=1)  # crashes in the first fine-tuning batch
+    monkeypatch.setattr(fastlearn.features, "extract_features", lambda *a, **k: pytest.fail("feature pass re-run"))
+    res = _feature_run(image_folder, tmp_path / "run", resume=True)
+    a, b = load_file(str(res.run_dir / "model.safetensors")), load_file(str(feature_run.run_dir / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (res.run_dir / "trace.csv").read_text() == (feature_run.run_dir / "trace.csv").read_text()
