@@ -22,7 +22,7 @@ from typing import Any
 from .errors import RecipeError, RecipeMismatchError
 from .recipes import Recipe
 
-__all__ = ["Difference", "LearnerRecipeWarning", "learner_settings", "differences", "reconcile"]
+__all__ = ["Difference", "LearnerRecipeWarning", "learner_settings", "dls_image_size", "differences", "reconcile"]
 
 
 class LearnerRecipeWarning(UserWarning):

@@ -29,7 +29,8 @@ from conftest import needs_cuda, synthetic_dls
 
 TESTS = Path(__file__).resolve().parent
 # one stage (scratch), 2 epochs x 4 batches: small enough for in-process runs
-SMALL = dict(arch="test_resnet", pretrained=False, lr=1e-3, lr_find=False, size=32, augment=False,
+# bs=16 and size=32 as synthetic_dls yields them: the recipe describes the learner (run_recipe records the learner's)
+SMALL = dict(arch="test_resnet", pretrained=False, lr=1e-3, lr_find=False, size=32, bs=16, augment=False,
              strategy="scratch", epochs=2, keep_last=2)
 
 
