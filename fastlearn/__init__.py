@@ -4,11 +4,13 @@
     dls = image_dls(sample("digits"), size=64, bs=32, flip=False, arch="tf_efficientnet_lite0")
     learn = transfer_learner(dls, "tf_efficientnet_lite0"); learn.fit_preset("digits")
 """
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place the version is defined (setup.cfg reads it)
 
+from . import _fastai  # noqa: F401  (first: imports fastai without its torch.jit.script FutureWarning)
 from .data import check_image_folder, image_dls
 from .errors import (CheckpointError, CorruptImageError, DataError, EmptyClassError, FastlearnError,
-                     LabelRangeError, NonFiniteError, RecipeError, SingleClassError, UnknownArchError, WeightsError)
+                     LabelRangeError, MissingExtraError, NonFiniteError, RecipeError, RecipeMismatchError,
+                     SingleClassError, UnknownArchError, WeightsError)
 from .layer_groups import layer_groups, n_groups
 from .learner import TransferLearner, transfer_learner
 from .lr_finder import LRFindResult, lr_find
@@ -46,5 +48,6 @@ __all__ = [
     "Recipe", "load_recipe", "list_recipes",
     # errors
     "FastlearnError", "DataError", "EmptyClassError", "SingleClassError", "CorruptImageError", "LabelRangeError",
-    "UnknownArchError", "WeightsError", "RecipeError", "CheckpointError", "NonFiniteError",
+    "UnknownArchError", "WeightsError", "RecipeError", "CheckpointError", "NonFiniteError", "RecipeMismatchError",
+    "MissingExtraError",
 ]

@@ -1,23 +1,42 @@
-"""The `fastlearn` command line: `recipes`, `train`, `lr-find`, `doctor`, `search`.
+"""The `fastlearn` command line: `recipes`, `train`, `lr-find`, `doctor`, `search` (and `--version`).
 
-Bad input exits with status 2 and one line `fastlearn: error: ...` before any training starts.
+Bad input exits with status 2 and one line `fastlearn: error: ...` before any training starts, and before
+any folder is created. Every command a message suggests is one this parser accepts (tests/test_cli.py).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import shutil
 import sys
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["main", "parse_args"]
+
+
+class _Version(argparse.Action):
+    "`--version`: the version and, as pip does, which install answered (argparse's own would wrap the path)."
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from . import __version__
+        print(f"fastlearn {__version__} from {Path(__file__).resolve().parent} (python {sys.version.split()[0]})")
+        parser.exit()
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastlearn", description="Best-practice training presets for fastai + timm.")
+    p.add_argument("--version", action=_Version, help="print the version and where it is installed, and exit")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    sub.add_parser("recipes", help="list the named recipes (presets)",
-                   description="List the named recipes: what each is for, epochs, sizes, expected result.")
+    r = sub.add_parser("recipes", help="list the named recipes (presets), or show one with every key",
+                       description="List the named recipes: what each is for, arch, sizes, epochs, expected result. "
+                                   "With NAME: that recipe resolved, every key with its value and meaning "
+                                   "(TOML: save it, edit it, `fastlearn train my.toml --data D`).")
+    r.add_argument("name", nargs="?", default=None, metavar="NAME", help="a recipe name or a path to a .toml file")
 
     t = sub.add_parser("train", help="train a recipe on a folder of class subfolders (or a bundled sample)",
                        description="Train RECIPE on --data. Extra key=value arguments override recipe keys, "
@@ -69,19 +88,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _recipes() -> int:
-    from .progress import summary_table
-    from .recipes import list_recipes, load_recipe
-    rows = []
-    for name in sorted(list_recipes()):
-        r = load_recipe(name)
-        epochs = r.epochs if r.strategy == "scratch" else f"{r.head_epochs}+{r.unfreeze_epochs}/stage+{r.epochs}"
-        sizes = f"{r.resize_start}->{r.size}" if r.resize_start else str(r.size)
-        if r.valid_size:
-            sizes += f" (val {r.valid_size})"
-        rows.append({"name": name, "for": r.description, "arch": r.arch, "epochs": str(epochs), "size px": sizes,
-                     "expected": r.expected})
-    summary_table(rows, title="fastlearn recipes")
+def _recipes(name: str | None) -> int:
+    from .progress import console_width
+    from .recipe_view import recipe_list, recipe_text
+    width = console_width() or shutil.get_terminal_size().columns
+    print(recipe_text(name, width) if name else recipe_list(width), end="", flush=True)
     return 0
 
 
@@ -108,7 +119,8 @@ def _train(a) -> int:
     from fastai.distributed import teardown_distrib
     from .distributed import distributed_ctx, init_distributed, is_main_process, main_process_first
     if "WORLD_SIZE" not in os.environ:
-        raise ValueError("--distributed needs a launcher: torchrun --nproc_per_node=N -m fastlearn.cli train ...")
+        raise ValueError(f"--distributed needs a launcher, one process per device: torchrun --standalone "
+                         f"--nproc_per_node=2 -m fastlearn.cli {shlex.join(a.argv)}")
     init_distributed()  # before building anything, so each rank picks its device
     try:
         with main_process_first():  # rank 0 builds the sample cache first
@@ -151,16 +163,24 @@ def _search(a) -> int:
                        out_dir=a.out, seed=a.seed, overrides=a.overrides)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    "The command line as `main` reads it (argparse exits with status 2 and its usage on a bad command)."
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides after an option (`--data x epochs=3 --out runs`) land here
         if args.cmd not in ("train", "search") or any("=" not in x or x.startswith("-") for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
+    args.argv = argv
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     from .errors import FastlearnError
     try:
-        return {"recipes": lambda: _recipes(), "train": lambda: _train(args), "lr-find": lambda: _lr_find(args),
+        return {"recipes": lambda: _recipes(args.name), "train": lambda: _train(args), "lr-find": lambda: _lr_find(args),
                 "doctor": lambda: _doctor(args), "search": lambda: _search(args)}[args.cmd]()
     except (FastlearnError, ValueError, FileNotFoundError, FileExistsError) as e:
         msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__

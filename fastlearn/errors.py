@@ -2,7 +2,7 @@
 
 __all__ = ["FastlearnError", "DataError", "EmptyClassError", "SingleClassError", "CorruptImageError",
            "UnknownArchError", "RecipeError", "CheckpointError", "NonFiniteError", "LabelRangeError",
-           "WeightsError"]
+           "WeightsError", "MissingExtraError", "RecipeMismatchError"]
 
 
 class FastlearnError(Exception):
@@ -43,6 +43,14 @@ class WeightsError(FastlearnError, RuntimeError):
 
 class RecipeError(FastlearnError, ValueError):
     "A recipe has an unknown key, a wrong type or an out-of-range value."
+
+
+class RecipeMismatchError(RecipeError):
+    "A learner built outside the recipe cannot run it as written (e.g. its images are smaller than the recipe's sizes)."
+
+
+class MissingExtraError(FastlearnError, ImportError):
+    "An optional dependency is not installed; the message names the pip extra that installs it."
 
 
 class CheckpointError(FastlearnError, RuntimeError):

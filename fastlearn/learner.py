@@ -72,10 +72,14 @@ class TransferLearner(Learner):
         "LR range test on the currently trainable groups; the learner is restored exactly afterwards."
         return lr_find(self, start_lr, end_lr, num_it, plot=plot)
 
-    def fit_preset(self, recipe="transfer", run_dir: str | Path | None = None, **overrides):
-        "Run a named recipe (or a `Recipe`) on this learner: lr_find, head, gradual unfreezing; returns a `RunResult`."
+    def fit_preset(self, recipe="transfer", run_dir: str | Path | None = None, cbs=None, **overrides):
+        """Run a named recipe (or a `Recipe`) on this learner: lr_find, head, gradual unfreezing; returns a `RunResult`.
+
+        The learner's own arch, optimizer, weight decay, loss, image size and batch size are used where they
+        differ from the recipe (one warning lists them; recipe.toml records them: fastlearn/compat.py).
+        `cbs`: extra fastai callbacks for the training stages, as `fit(cbs=...)`."""
         from .training import run_recipe
-        return run_recipe(self, recipe, run_dir=run_dir, overrides=overrides)
+        return run_recipe(self, recipe, run_dir=run_dir, overrides=overrides, cbs=cbs)
 
 
 class FixedSplit:

@@ -11,7 +11,7 @@ from typing import IO, Sequence
 
 from fastai.callback.core import Callback
 
-__all__ = ["EpochProgress", "summary_table", "is_terminal", "console", "epoch_metrics"]
+__all__ = ["EpochProgress", "summary_table", "is_terminal", "console", "console_width", "epoch_metrics"]
 
 
 def is_terminal(stream: IO | None = None) -> bool:
@@ -19,11 +19,20 @@ def is_terminal(stream: IO | None = None) -> bool:
     return bool(getattr(stream, "isatty", lambda: False)())
 
 
+def console_width() -> int | None:
+    "Columns to print in: $COLUMNS when set, else the terminal's (None: rich asks it), else 80 (piped, a file, CI)."
+    import os
+    cols = os.environ.get("COLUMNS", "").strip()
+    if cols.isdigit() and int(cols) > 0:
+        return int(cols)
+    return None if is_terminal() else 80
+
+
 def console():
-    "The shared rich console (plain text, no colour codes, when output is not a terminal)."
+    "The shared rich console, `console_width()` wide (plain text, no colour codes, when output is not a terminal)."
     from rich.console import Console
-    return Console(highlight=False, soft_wrap=True) if is_terminal() else \
-        Console(highlight=False, soft_wrap=True, force_terminal=False, color_system=None, width=200)
+    return Console(highlight=False, soft_wrap=True, width=console_width()) if is_terminal() else \
+        Console(highlight=False, soft_wrap=True, force_terminal=False, color_system=None, width=console_width())
 
 
 def epoch_metrics(recorder) -> dict:
@@ -93,10 +102,12 @@ def summary_table(rows: Sequence[dict], title: str = "fastlearn run") -> str:
     from rich.table import Table
     t = Table(title=title)
     keys = list(rows[0]) if rows else []
-    for k in keys:
-        t.add_column(k, justify="right" if rows and isinstance(rows[0][k], (int, float)) else "left")
-    for r in rows:
-        t.add_row(*[_fmt(r[k]) for k in keys])
+    cells = [[_fmt(r[k]) for k in keys] for r in rows]
+    for j, k in enumerate(keys):  # values are never cut; in a narrow console the headers fold instead
+        t.add_column(k, justify="right" if rows and isinstance(rows[0][k], (int, float)) else "left",
+                     min_width=max((len(c[j]) for c in cells), default=1), overflow="fold")
+    for c in cells:
+        t.add_row(*c)
     c = console()
     with c.capture() as cap:
         c.print(t)

@@ -10,7 +10,6 @@ import dataclasses
 import difflib
 import json
 import os
-import sys
 import tomllib
 import typing
 from dataclasses import dataclass, fields
@@ -207,10 +206,34 @@ def _type_text(tp: Any) -> str:
 _HINTS = typing.get_type_hints(Recipe)
 
 
+def _literal_choices(tp: Any) -> tuple:
+    "The allowed values when `tp` is a Literal (or a union holding one), else ()."
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return args
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return tuple(c for a in args for c in _literal_choices(a))
+    return ()
+
+
+def _did_you_mean(word: str, choices, n: int = 3) -> str:
+    "'did you mean 'x'?' for the closest of `choices` (up to n, as 'a', 'b' or 'c'), or '' when none is close."
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=n)
+    if not close:
+        return ""
+    quoted = [repr(c) for c in close]
+    return "did you mean " + (quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}") + "?"
+
+
 def _validate(r: Recipe) -> None:
     for f in fields(r):
         v, tp = getattr(r, f.name), _HINTS[f.name]
         if not _type_ok(v, tp):
+            choices = _literal_choices(tp)
+            if isinstance(v, str) and choices and all(isinstance(c, str) for c in choices):  # a wrong value
+                raise RecipeError(f"recipe {r.name!r}: key {f.name!r} = {v!r} is not one of "
+                                  f"{', '.join(map(repr, choices))}"
+                                  + (f"; {hint}" if (hint := _did_you_mean(v, choices, n=1)) else ""))
             raise RecipeError(f"recipe {r.name!r}: key {f.name!r} = {v!r} has the wrong type; "
                               f"expected {_type_text(tp)}")
         if f.name in _RANGES and v is not None:
@@ -249,14 +272,17 @@ def _validate(r: Recipe) -> None:
 _KEYS = [f.name for f in fields(Recipe)]
 
 
-def from_dict(d: dict, origin: str = "dict") -> Recipe:
-    "Validate a plain dict (TOML types) into a `Recipe`."
+def from_dict(d: dict, origin: str = "dict", listing: str | None = None) -> Recipe:
+    """Validate a plain dict (TOML types) into a `Recipe`. An unknown key names the closest valid ones and
+    the command that lists them all: `fastlearn recipes digits` (`listing`; default: this recipe if named)."""
     unknown = [k for k in d if k not in _KEYS]
     if unknown:
         k = unknown[0]
-        close = difflib.get_close_matches(k, _KEYS, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise RecipeError(f"{origin}: unknown recipe key {k!r}{hint} Valid keys: {', '.join(_KEYS)}")
+        more = f" (and {len(unknown) - 1} more unknown: {', '.join(map(repr, unknown[1:]))})" if len(unknown) > 1 else ""
+        if listing is None:
+            listing = d.get("name") if d.get("name") in list_recipes() else "transfer"
+        raise RecipeError(f"{origin}: unknown recipe key {k!r} ({_did_you_mean(k, _KEYS) or 'no key is close'}){more}; "
+                          f"every key, with its value: `fastlearn recipes {listing}`")
     return Recipe(**{k: _coerce(k, v) for k, v in d.items()})
 
 
@@ -274,11 +300,22 @@ def _coerce(key: str, v: Any) -> Any:
     return v
 
 
+def _packaged_recipes() -> Path | None:
+    """The recipes installed with the package: package data `fastlearn/presets/*.toml`, which setup.cfg maps
+    from the top-level `recipes/` (the one copy in the repository). Read with importlib.resources, so it is
+    found wherever the package is (a wheel, `pip install --user`, a virtualenv), never through sys.prefix."""
+    from importlib.resources import files
+    d = files(__package__) / "presets"
+    return d if isinstance(d, Path) and d.is_dir() else None  # a zipped install (not a Path) is not supported
+
+
 def recipe_dirs() -> list[Path]:
-    "Where named recipes are looked up: $FASTLEARN_RECIPES, the repo's recipes/, the installed share dir."
+    """Where named recipes are looked up, first match wins: $FASTLEARN_RECIPES (os.pathsep-separated folders),
+    the package's own recipes (installed package data), and the `recipes/` of a source checkout (an editable
+    install or PYTHONPATH, where the package data is that same folder)."""
     dirs = [Path(p) for p in os.environ.get("FASTLEARN_RECIPES", "").split(os.pathsep) if p]
-    dirs += [Path(__file__).resolve().parent.parent / "recipes", Path(sys.prefix) / "share/fastlearn/recipes"]
-    return [d for d in dirs if d.is_dir()]
+    dirs += [_packaged_recipes(), Path(__file__).resolve().parent.parent / "recipes"]
+    return list(dict.fromkeys(d for d in dirs if d is not None and d.is_dir()))
 
 
 def list_recipes() -> dict[str, Path]:
@@ -328,8 +365,9 @@ def load_recipe(name_or_path: str | Path | Recipe = "transfer", overrides: dict 
     origin = f"recipe {d.get('name', name_or_path)!r}"
     if overrides:
         bad = [k for k in overrides if k not in _KEYS]
-        if bad:
-            from_dict(overrides, origin="override")  # raises with the hint
+        if bad:  # raises with the hint
+            name = d.get("name")
+            from_dict(overrides, origin="override", listing=name if name in list_recipes() else "transfer")
         d = {**d, **overrides}
     return from_dict(d, origin=origin)
 

@@ -15,6 +15,7 @@ import contextlib
 import csv
 import io
 import math
+import shlex
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -153,6 +154,16 @@ def _run_rounds(study, data, base: Recipe, space: SearchSpace, n_trials: int, ro
             rows.append(_row(trial.number, rnd, state, params, values, time.perf_counter() - ts))
 
 
+def _check_data(data, base: Recipe) -> None:
+    "The architecture and the data folder checked as each trial would check them, before out_dir is created."
+    from .data import check_image_folder
+    from .models import check_arch
+    from .samples import is_sample_name
+    check_arch(base.arch)
+    if not is_sample_name(str(data)) or Path(data).exists():  # a sample name means the bundled sample
+        check_image_folder(data, bad_images=base.bad_images)
+
+
 def search(data, recipe="digits", n_trials: int = 8, rounds: int = 2, top_k: int = 3,
            space: SearchSpace | None = None, overrides: dict | list[str] | None = None, prune: bool = True,
            out_dir: str | Path | None = "runs/search", seed: int = 0, metric: str = "accuracy",
@@ -162,8 +173,10 @@ def search(data, recipe="digits", n_trials: int = 8, rounds: int = 2, top_k: int
     finished trials so far. `overrides` (e.g. a shorter `epochs`) apply to every trial. With `out_dir`,
     trials run in `out_dir/trials/` and `search.csv` and `best_recipe.toml` are written there (None: a
     temporary folder, nothing kept)."""
-    import optuna
-    base = load_recipe(recipe, overrides)            # validate everything before any compute
+    from ._optional import require
+    base = load_recipe(recipe, overrides)            # validate everything before any compute or folder
+    _check_data(data, base)
+    optuna = require("optuna", "search")
     space = space or SearchSpace()
     out = Path(out_dir) if out_dir is not None else None
     tmp = tempfile.TemporaryDirectory(prefix="fastlearn-search-") if out is None else None
@@ -216,6 +229,6 @@ def search_main(data, recipe="digits", n_trials: int = 8, rounds: int = 2, epoch
                                   f"{res.epochs_run} epochs in {res.seconds:.0f}s")
     print(f"best: trial {res.best_trial}, accuracy {res.best_value:.4f}, lr {res.best.lr:.3g}, wd {res.best.wd:.3g}, "
           f"bs {res.best.bs}, drop_rate {res.best.drop_rate}", flush=True)
-    print(f"trials: {res.csv_path}\nbest recipe: {res.recipe_path} (fastlearn train --recipe {res.recipe_path})",
-          flush=True)
+    print(f"trials: {res.csv_path}\nbest recipe: {res.recipe_path}\ntrain with it: fastlearn train "
+          f"{shlex.quote(str(res.recipe_path))} --data {shlex.quote(str(data))}", flush=True)
     return 0

@@ -135,14 +135,17 @@ def _first_metric(learn) -> tuple[float, float]:
 
 
 def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, overrides: dict | None = None,
-               runs_root: str | Path = "runs", resume: bool = False, checkpoint_steps: int = 0) -> RunResult:
+               runs_root: str | Path = "runs", resume: bool = False, checkpoint_steps: int = 0,
+               cbs=None) -> RunResult:
     """Run `recipe` on `learn`: find the LR, train the head (on cached features when the body is pretrained),
     choose the strategy (`auto`), fine-tune each unfreezing stage as a one-cycle with discriminative LRs, keep
     the best stage end's weights, and write everything into a run folder.
 
     Checkpoints go to `run_dir/checkpoints` every `recipe.checkpoint_every` epochs, at each stage's end and,
     with `checkpoint_steps`, every that many batches. `resume=True` continues `run_dir` from its latest
-    checkpoint: finished stages are skipped and the current one goes on from the saved epoch and batch."""
+    checkpoint: finished stages are skipped and the current one goes on from the saved epoch and batch.
+    `cbs`: the caller's fastai callbacks, added to every stage that trains the network (not to lr_find, nor to the
+    head trained on cached features, which never sees images)."""
     from .callbacks import recipe_callbacks
     from .checkpoint import Checkpointer, ResumeAt, resume_state
     from .distributed import broadcast_object, global_batch_size, is_main_process
@@ -150,8 +153,10 @@ def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, over
     from .keep import Candidate, KeepBest
     from .schedules import scale_lr
     r = load_recipe(recipe, overrides)
-    if r.bs is None:  # the batch size the DataLoaders were built with is what runs (and what recipe.toml records)
+    if r.bs is None:  # derived from the data: the batch size the DataLoaders were built with is what runs
         r = r.replace(bs=int(learn.dls.train.bs))
+    from .compat import reconcile  # a learner built outside the recipe: its own values, warned and recorded
+    r = reconcile(learn, r)
     main = is_main_process()  # under DDP only rank 0 writes files and prints; all ranks train
     if resume and run_dir is None:
         raise ValueError("resume=True needs run_dir, the run folder to continue")
@@ -269,7 +274,7 @@ def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, over
         lr = slice(hi / r.lr_ratio, hi) if st.n_trainable > 1 else hi
         ts = time.perf_counter()
         learn.fit_stage(epochs, lr, r.div, r.final_div, r.pct_start, r.moms,
-                        cbs=[trace, log, ckpt, guard] + extra + resume_cb)
+                        cbs=[trace, log, ckpt, guard] + extra + resume_cb + list(cbs or []))
         vals = epoch_metrics(learn.recorder)
         ran = sum(1 for row in log.rows if row["stage"] == name)  # fewer than planned after early stopping
         stages.append({"stage": name, "trainable_groups": st.n_trainable, "epochs": ran,
@@ -284,7 +289,7 @@ def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, over
         swa_hi = r.swa_lr if r.swa_lr is not None else last_hi / 10
         swa_lrs = learn.layer_lrs(slice(swa_hi / r.lr_ratio, swa_hi) if last.n_trainable > 1 else swa_hi)
         label_stage("swa")
-        swa = run_swa(learn, r.swa_epochs, swa_lrs, cbs=[trace, log, guard], mom=r.moms[0])
+        swa = run_swa(learn, r.swa_epochs, swa_lrs, cbs=[trace, log, guard] + list(cbs or []), mom=r.moms[0])
     from .resize import ProgressiveResize
     at_valid_size = [cb for cb in extra if isinstance(cb, ProgressiveResize)]  # evaluate at valid_size
     kept = None

@@ -4,6 +4,7 @@ import random
 import numpy as np
 import pytest
 import torch
+import fastlearn  # noqa: F401  (first: fastlearn imports fastai without torch's torch.jit.script FutureWarning)
 import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
 from fastai.data.core import DataLoaders
 

@@ -12,12 +12,110 @@ def run_cli(*args, timeout=300):
                           timeout=timeout)
 
 
-def test_recipes_table(capsys):
+def test_recipes_list_fits_80_columns_when_piped(capsys, monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)                 # not a terminal (captured): 80 columns
     assert main(["recipes"]) == 0
-    out = capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    assert max(map(len, lines)) <= 80
     for name in ("transfer", "digits", "imagenet_rn50_88", "imagenette_5ep_128"):
-        assert name in out
-    assert "78%" in out or "78" in out          # expected results are shown
+        assert name in lines                                      # whole, on its own line
+    assert any("78%" in line for line in lines)                  # the expected results are shown
+    monkeypatch.setenv("COLUMNS", "120")
+    assert main(["recipes"]) == 0
+    assert 80 < max(map(len, capsys.readouterr().out.splitlines())) <= 120
+
+
+def test_recipes_name_shows_every_key(capsys, tmp_path):
+    from fastlearn.recipes import load_recipe
+    assert main(["recipes", "imagenet_rn18_16"]) == 0
+    out = capsys.readouterr().out
+    assert "lr_ref_bs = 1024" in out and 'arch = "resnet18"' in out and "# drop_rate = (unset)" in out
+    (tmp_path / "r.toml").write_text(out)
+    assert load_recipe(tmp_path / "r.toml") == load_recipe("imagenet_rn18_16")
+    assert main(["recipes", "imagenet_rn18"]) == 2
+    assert "unknown recipe 'imagenet_rn18'" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    import fastlearn
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    out = capsys.readouterr().out.strip()
+    assert e.value.code == 0 and out.startswith(f"fastlearn {fastlearn.__version__} from {fastlearn.__path__[0]}")
+
+
+def test_import_prints_nothing_on_stderr():
+    """fastai's import raises torch's torch.jit.script FutureWarning; fastlearn silences it where it imports fastai
+    (pytest shows no warning filter for it; tests/test_readme.py checks `--help` of every command the same way)."""
+    import os
+    from pathlib import Path
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    out = subprocess.run([sys.executable, "-c", "import fastlearn"], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parent.parent, env=env)
+    assert out.returncode == 0 and out.stderr == "", out.stderr[-2000:]
+
+
+def _commands_in(text: str) -> list[str]:
+    "`fastlearn COMMAND ...` and `-m fastlearn.cli COMMAND ...` in a text, up to a backtick, ), ; or the line end."
+    import re
+    pat = r"(?:^|(?<=[\s`(:'\"]))(?:fastlearn|-m fastlearn\.cli) ((?:recipes|train|lr-find|doctor|search)(?=[\s`]|$)[^`;()\n]*)"
+    return [m.group(1).strip().rstrip(".,") for m in re.finditer(pat, text, re.M)]
+
+
+def _source_strings() -> list[str]:
+    "Every string literal in fastlearn/*.py; an f-string's {holes} become the word X."
+    import ast
+    from pathlib import Path
+    out = []
+    for path in sorted((Path(__file__).resolve().parent.parent / "fastlearn").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.JoinedStr):
+                out.append("".join(v.value if isinstance(v, ast.Constant) else "X" for v in node.values))
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                out.append(node.value)
+    return out
+
+
+def _parses(cmd: str) -> None:
+    "`cmd` (after `fastlearn`) is accepted by the real parser; a bare command name (a reference) must exist."
+    import shlex
+    from fastlearn.cli import parse_args
+    args = shlex.split(cmd.split(" > ")[0].split(" | ")[0])       # up to a shell redirection or pipe
+    try:
+        parse_args(args if len(args) > 1 else args + ["--help"])
+    except SystemExit as e:                                        # argparse's error (or --version/--help's exit 0)
+        assert e.code == 0, f"`fastlearn {cmd}` does not parse"
+
+
+def test_every_command_the_cli_and_readme_suggest_parses(capsys):
+    "Hints in messages, help texts and docstrings, in `fastlearn recipes`' output and in README run as printed."
+    from pathlib import Path
+    from fastlearn.recipe_view import recipe_list
+    hints = [c for s in _source_strings() for c in _commands_in(s)]
+    hints += _commands_in(recipe_list(80))
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    hints += [c.split("  #")[0] for c in _commands_in(readme)]
+    assert len(hints) >= 20 and any(h.startswith("train X --data X") for h in hints)   # search's hint is found
+    for cmd in hints:
+        _parses(cmd)
+    # the launcher hint is built from the actual command line
+    assert main(["train", "digits", "--data", "digits", "--distributed"]) == 2
+    err = capsys.readouterr().err
+    (cmd,) = _commands_in(err)
+    assert cmd == "train digits --data digits --distributed"
+    _parses(cmd)
+
+
+def test_search_checks_before_creating_folders(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", "digits", "--data", "nope"]) == 2
+    assert "data folder nope does not exist" in capsys.readouterr().err
+    assert main(["search", "digits", "--data", "digits", "arch=resnet5O"]) == 2
+    assert "resnet5O" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "optuna", None)              # as without the search extra
+    assert main(["search", "digits", "--data", "digits"]) == 2
+    assert capsys.readouterr().err == "fastlearn: error: search needs optuna: pip install 'fastlearn[search]'\n"
+    assert list(tmp_path.iterdir()) == []                         # no runs/search/trials/
 
 
 @pytest.mark.parametrize("setup, args, words", [

@@ -24,3 +24,23 @@ def test_plain_lines_when_not_a_terminal(capsys):
 def test_summary_table_text(capsys):
     text = summary_table([{"stage": "head", "accuracy": 0.9}, {"stage": "all", "accuracy": 0.975}], title="t")
     assert "head" in text and "0.9750" in text and "\x1b" not in text
+
+
+def test_piped_width_is_columns_or_80(monkeypatch):
+    from fastlearn.progress import console, console_width
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert console_width() == 80 and console().width == 80       # not a terminal (pytest captures)
+    monkeypatch.setenv("COLUMNS", "132")
+    assert console_width() == 132 and console().width == 132
+    monkeypatch.setenv("COLUMNS", "wide")
+    assert console_width() == 80
+
+
+def test_summary_table_never_cuts_a_value(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "40")
+    row = {"trial": 0, "state": "complete", "lr": 3.16e-3, "wd": 1.2e-4, "drop_rate": 0.2345, "accuracy": 0.9123,
+           "seconds": 12.3}
+    text = summary_table([row], title="search")
+    for v in ("complete", "0.0032", "1.20e-04", "0.2345", "0.9123", "12.3000"):
+        assert v in text, v                                      # headers may fold, values stay whole
+    assert "…" not in text

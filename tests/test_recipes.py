@@ -42,7 +42,10 @@ def test_overrides_from_code_and_command_line():
 
 
 @pytest.mark.parametrize("override, words", [
-    ({"lrr": 1e-3}, ["unknown recipe key 'lrr'", "did you mean lr", "Valid keys"]),
+    ({"lrr": 1e-3}, ["unknown recipe key 'lrr'", "did you mean 'lr'?", "`fastlearn recipes transfer`"]),
+    ({"strategy": "ful"}, ["key 'strategy' = 'ful' is not one of 'linear_probe', 'fine_tune_top', 'full', 'auto', "
+                           "'scratch'; did you mean 'full'?"]),
+    ({"strategy": 3}, ["'strategy' = 3 has the wrong type"]),
     ({"lr": -1e-3}, ["'lr'", "-0.001", "> 0"]),
     ({"pct_start": 1.5}, ["'pct_start'", "1.5", "(0, 1)"]),
     ({"bs": "big"}, ["'bs'", "'big'", "integer"]),
@@ -62,13 +65,37 @@ def test_bad_values_name_the_key_value_and_choices(override, words):
 def test_broken_recipe_file(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('extends = "transfer"\nepochz = 3\n')
-    with pytest.raises(RecipeError, match="'epochz'.*did you mean epochs"):
+    with pytest.raises(RecipeError, match="'epochz' \\(did you mean 'epochs'"):
         load_recipe(bad)
     (tmp_path / "syntax.toml").write_text("lr = = 1")
     with pytest.raises(RecipeError, match="not valid TOML"):
         load_recipe(tmp_path / "syntax.toml")
     with pytest.raises(RecipeError, match="unknown recipe 'trasnfer'.*Did you mean transfer"):
         load_recipe("trasnfer")
+
+
+def test_unknown_key_names_close_keys_not_every_key():
+    with pytest.raises(RecipeError) as e:
+        load_recipe("digits", {"foo": 1})
+    msg = str(e.value)
+    assert msg == ("override: unknown recipe key 'foo' (no key is close); every key, with its value: "
+                   "`fastlearn recipes digits`")
+    with pytest.raises(RecipeError, match=r"'epochz' \(did you mean 'epochs' or 'swa_epochs'\?\) \(and 1 more "
+                                          r"unknown: 'bar'\)"):
+        load_recipe("digits", {"epochz": 3, "bar": 1})
+
+
+def test_recipes_dirs_env_first_and_package_data(tmp_path, monkeypatch):
+    from fastlearn import recipes as rmod
+    (tmp_path / "digits.toml").write_text('extends = "transfer"\ndescription = "mine"\nexpected = "x"\n')
+    monkeypatch.setenv("FASTLEARN_RECIPES", str(tmp_path))
+    assert rmod.recipe_dirs()[0] == tmp_path
+    assert load_recipe("digits").description == "mine"           # first folder wins
+    assert load_recipe("linear_probe").strategy == "linear_probe"  # the rest still found
+    monkeypatch.delenv("FASTLEARN_RECIPES")
+    # a source checkout has no fastlearn/presets: recipes come from the repository's recipes/ (tests/test_packaging.py
+    # installs a wheel, where they come from the package data)
+    assert rmod._packaged_recipes() is None and rmod.recipe_dirs()[-1].name == "recipes"
 
 
 def test_recipe_is_frozen_and_round_trips(tmp_path):

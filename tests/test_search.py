@@ -95,7 +95,9 @@ def test_search_end_to_end_saves_resolved_recipe(tmp_path):
     assert res.epochs_run == sum(r["epochs"] for r in res.rows)
 
 
-def test_search_main_prints_table(tmp_path, capsys):
+def test_search_main_prints_table_and_a_train_command_that_runs(tmp_path, capsys, monkeypatch):
+    import shlex
+    from fastlearn.cli import main
     data = _folder(tmp_path / "data")
     code = search_main(data, "digits", n_trials=2, rounds=1, epochs=1, prune=False, out_dir=tmp_path / "out",
                        overrides=[f"{k}={str(v).lower() if isinstance(v, bool) else repr(v)}" for k, v in TINY.items()
@@ -104,3 +106,21 @@ def test_search_main_prints_table(tmp_path, capsys):
     assert code == 0
     assert "search: 2 trials, 0 pruned, 2 epochs" in out and "best recipe:" in out
     assert load_recipe(tmp_path / "out" / "best_recipe.toml").epochs == 1
+    hint = next(line for line in out.splitlines() if line.startswith("train with it: "))
+    cmd = shlex.split(hint.removeprefix("train with it: "))
+    assert cmd[:2] == ["fastlearn", "train"]
+    monkeypatch.chdir(tmp_path)                                   # it writes ./runs
+    assert main(cmd[1:]) == 0                                     # runs as printed
+    (run,) = (tmp_path / "runs").iterdir()
+    assert load_recipe(run / "recipe.toml") == load_recipe(tmp_path / "out" / "best_recipe.toml")
+
+
+def test_search_without_optuna_or_data_creates_nothing(tmp_path, monkeypatch):
+    import sys
+    from fastlearn.errors import DataError, MissingExtraError
+    with pytest.raises(DataError, match="does not exist"):
+        search(tmp_path / "nope", "digits", out_dir=tmp_path / "out")
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    with pytest.raises(MissingExtraError, match=r"search needs optuna: pip install 'fastlearn\[search\]'"):
+        search(_folder(tmp_path / "data"), "digits", out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
