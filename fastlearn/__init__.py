@@ -7,8 +7,9 @@
 __version__ = "0.1.0"
 
 from .data import check_image_folder, image_dls
-from .errors import (CheckpointError, CorruptImageError, DataError, EmptyClassError, FastlearnError,
-                     LabelRangeError, NonFiniteError, RecipeError, SingleClassError, UnknownArchError, WeightsError)
+from .errors import (CheckpointError, CorruptImageError, DataChangedError, DataError, EmptyClassError, FastlearnError,
+                     LabelRangeError, NonFiniteError, RecipeError, RunLockedError, SingleClassError,
+                     TrainingInterrupted, UnknownArchError, WeightsError)
 from .layer_groups import layer_groups, n_groups
 from .learner import TransferLearner, transfer_learner
 from .lr_finder import LRFindResult, lr_find
@@ -47,4 +48,5 @@ __all__ = [
     # errors
     "FastlearnError", "DataError", "EmptyClassError", "SingleClassError", "CorruptImageError", "LabelRangeError",
     "UnknownArchError", "WeightsError", "RecipeError", "CheckpointError", "NonFiniteError",
+    "RunLockedError", "DataChangedError", "TrainingInterrupted",
 ]

@@ -111,13 +111,45 @@ def stage_plan(recipe: Recipe, n_groups: int, strategy: str) -> list[UnfreezeSta
 
 
 def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, overrides: dict | None = None,
-               runs_root: str | Path = "runs", resume: bool = False, checkpoint_steps: int = 0) -> RunResult:
+               runs_root: str | Path = "runs", resume: bool = False, checkpoint_steps: int = 0,
+               accept_data_change: bool = False) -> RunResult:
     """Run `recipe` on `learn`: choose the strategy, find the LR, train each unfreezing stage as a
     one-cycle with discriminative LRs, and write everything into a run folder.
 
     Checkpoints go to `run_dir/checkpoints` every `recipe.checkpoint_every` epochs, at each stage's end and,
     with `checkpoint_steps`, every that many batches. `resume=True` continues `run_dir` from its latest
-    checkpoint: finished stages are skipped and the current one goes on from the saved epoch and batch."""
+    checkpoint: finished stages are skipped and the current one goes on from the saved epoch and batch.
+
+    One process at a time trains in a run folder (`run.lock`, else `RunLockedError`). `data.json` records the
+    data; a resume on other data raises `DataChangedError` unless `accept_data_change`. Ctrl-C or SIGTERM stop
+    at the next batch boundary with a checkpoint there and raise `TrainingInterrupted` (how to resume)."""
+    # --- reliability (issue 14): lock, data record, signals; fastlearn/runlock.py, fingerprint.py, interrupt.py ---
+    from .checkpoint import resume_or_restart
+    from .distributed import broadcast_object, is_main_process
+    from .fingerprint import record_data
+    from .interrupt import interrupt_guard
+    from .runlock import run_lock
+    r = load_recipe(recipe, overrides)
+    if resume and run_dir is None:
+        raise ValueError("resume=True needs run_dir, the run folder to continue")
+    if run_dir is None:
+        run_dir = broadcast_object(new_run_dir(runs_root, r.name) if is_main_process() else None)
+    run_dir = Path(run_dir)
+    if resume and not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {run_dir} does not exist: nothing to resume; check the path, or "
+                                f"train without resume to start a run there")
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir), interrupt_guard(run_dir):
+        resume = resume and resume_or_restart(run_dir)
+        record_data(learn.dls, run_dir, resume=resume, accept_change=accept_data_change)
+        return _run_recipe(learn, r, run_dir=run_dir, resume=resume, checkpoint_steps=checkpoint_steps)
+    # --- end reliability ---
+
+
+def _run_recipe(learn, recipe, run_dir: Path, overrides: dict | None = None, runs_root: str | Path = "runs",
+                resume: bool = False, checkpoint_steps: int = 0) -> RunResult:
+    "run_recipe's training, inside the run folder's lock and the signal guard."
     from .callbacks import recipe_callbacks
     from .checkpoint import Checkpointer, ResumeAt, resume_state
     from .distributed import broadcast_object, global_batch_size, is_main_process
@@ -155,6 +187,8 @@ def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, over
                         extra_state=lambda: {"strategy": strategy, "why": why, "peak": peak, "stages": stages,
                                              "trace": trace.rows, "metrics": log.rows})
     guard = NonFiniteGuard()
+    from .interrupt import StopOnSignal
+    stop = StopOnSignal(n_stages=len(plan))  # Ctrl-C/SIGTERM: checkpoint at the next batch boundary and stop
 
     def label_stage(name: str) -> None:  # the stage name in traces, metrics, guard messages and progress lines
         for cb in [trace, log, guard] + [c for c in learn.cbs if hasattr(c, "stage")]:
@@ -168,8 +202,9 @@ def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, over
         peak, stages = state.extra["peak"], list(state.extra["stages"])
         trace.rows, log.rows = list(state.extra["trace"]), list(state.extra["metrics"])
         if main:
-            print(f"resuming {run_dir} from {state.path.name}: stage {state.stage + 1}/{len(plan)}, "
-                  f"epoch {state.epoch}/{state.stage_epochs}, batch {state.iter}", flush=True)
+            at = "done" if state.stage_done else f"epoch {state.epoch + 1}/{state.stage_epochs}" + (
+                f" from batch {state.iter + 1}" if state.iter else "")  # counted as the progress lines count
+            print(f"resuming {run_dir} from {state.path.name}: stage {state.stage + 1}/{len(plan)} {at}", flush=True)
     elif peak is None:
         if not r.lr_find:
             raise ValueError("recipe sets lr_find = false but gives no lr; set lr = <peak LR>")
@@ -198,7 +233,7 @@ def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, over
         lr = slice(hi / r.lr_ratio, hi) if st.n_trainable > 1 else hi
         ts = time.perf_counter()
         learn.fit_stage(epochs, lr, r.div, r.final_div, r.pct_start, r.moms,
-                        cbs=[trace, log, ckpt, guard] + extra + resume_cb)
+                        cbs=[trace, log, ckpt, guard, stop] + extra + resume_cb)
         vals = epoch_metrics(learn.recorder)
         ran = sum(1 for row in log.rows if row["stage"] == name)  # fewer than planned after early stopping
         stages.append({"stage": name, "trainable_groups": st.n_trainable, "epochs": ran,
