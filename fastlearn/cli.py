@@ -99,7 +99,7 @@ def _train(a) -> int:
             p.name != "run.lock" for p in Path(a.run_dir).iterdir()):  # a lone lock: a run that died at its start
         raise FileExistsError(f"run folder {a.run_dir} already holds a run; pass --resume to continue it, "
                               f"or choose another --run-dir (nothing was overwritten)")
-    if a.run_dir:
+    if a.run_dir and os.environ.get("RANK", "0") == "0":  # rank 0 takes the lock under torchrun
         from .runlock import check_unlocked
         check_unlocked(a.run_dir)  # another process trains there: say so before the data is read
     run_args = dict(run_dir=a.run_dir, runs_root=a.out, resume=a.resume, checkpoint_steps=a.checkpoint_steps,
