@@ -8,9 +8,9 @@ __version__ = "0.1.0"  # the one place the version is defined (setup.cfg reads i
 
 from . import _fastai  # noqa: F401  (first: imports fastai without its torch.jit.script FutureWarning)
 from .data import check_image_folder, image_dls
-from .errors import (CheckpointError, CorruptImageError, DataError, EmptyClassError, FastlearnError,
+from .errors import (CheckpointError, CorruptImageError, DataChangedError, DataError, EmptyClassError, FastlearnError,
                      LabelRangeError, MissingExtraError, NonFiniteError, RecipeError, RecipeMismatchError,
-                     SingleClassError, UnknownArchError, WeightsError)
+                     RunLockedError, SingleClassError, TrainingInterrupted, UnknownArchError, WeightsError)
 from .layer_groups import layer_groups, n_groups
 from .learner import TransferLearner, transfer_learner
 from .lr_finder import LRFindResult, lr_find
@@ -49,5 +49,5 @@ __all__ = [
     # errors
     "FastlearnError", "DataError", "EmptyClassError", "SingleClassError", "CorruptImageError", "LabelRangeError",
     "UnknownArchError", "WeightsError", "RecipeError", "CheckpointError", "NonFiniteError", "RecipeMismatchError",
-    "MissingExtraError",
+    "MissingExtraError", "RunLockedError", "DataChangedError", "TrainingInterrupted",
 ]

@@ -33,8 +33,8 @@ from .models import unwrap_model  # timm's: strips DDP, torch.compile and EMA wr
 from .precision import learner_device
 
 __all__ = ["atomic_write", "save_weights", "load_weights", "load_learner", "Checkpointer", "ResumeAt", "CheckpointState",
-           "resume_state", "read_state", "plain", "latest_checkpoint", "rng_state", "set_rng_state", "recipe_diff",
-           "library_version"]
+           "resume_state", "resume_or_restart", "read_state", "plain", "latest_checkpoint", "rng_state", "set_rng_state",
+           "recipe_diff", "library_version"]
 
 CKPT_DIR = "checkpoints"
 _NAME = re.compile(r"^ckpt-(\d+)\.(pt|safetensors)$")
@@ -289,6 +289,21 @@ def resume_state(run_dir: str | Path, recipe=None) -> CheckpointState:
                            st.get("valid_loss"), st["recipe"], st["version"], st)
 
 
+def resume_or_restart(run_dir: str | Path) -> bool:
+    """Whether a resume of `run_dir` goes on from a checkpoint (True) or starts the run from the beginning (False,
+    with a note): a run that started there (its `data.json` is written first) but stopped before its first
+    checkpoint has nothing to lose. A folder where no run started raises `CheckpointError`."""
+    from .distributed import is_main_process
+    if latest_checkpoint(run_dir) is not None:
+        return True
+    if not (Path(run_dir) / "data.json").exists():
+        resume_state(run_dir)  # raises: no checkpoint, nothing started here
+    if is_main_process():
+        print(f"fastlearn: {run_dir} has no checkpoint yet (the run stopped before its first one): starting it from "
+              f"the beginning", flush=True)
+    return False
+
+
 # -- callbacks --------------------------------------------------------------------------------
 
 class Checkpointer(Callback):
@@ -410,7 +425,8 @@ class Checkpointer(Callback):
         self.history = [s for s in self.history if s in keep]
         for p in self.dir.iterdir():
             m = _NAME.match(p.name)
-            if (m and int(m.group(1)) not in keep) or (p.name.startswith(".ckpt-") and p.name.endswith(".tmp")):
+            if (m and int(m.group(1)) not in keep) or (p.name.startswith((".ckpt-", ".latest."))
+                                                         and p.name.endswith(".tmp")):
                 p.unlink(missing_ok=True)
 
 

@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
     t.add_argument("--distributed", action="store_true",
                    help="train with DDP under torchrun/accelerate (launch with `torchrun --nproc_per_node=N`)")
+    t.add_argument("--checkpoint-steps", type=int, default=0, metavar="N",
+                   help="also checkpoint every N training batches (for long epochs; default: epoch ends only)")
+    t.add_argument("--accept-data-change", action="store_true",
+                   help="with --resume: go on even if the data differs from the run folder's data.json")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="recipe keys to override")
 
     f = sub.add_parser("lr-find", help="LR range test: print the peak and start LR, save the plot",
@@ -105,15 +109,21 @@ def _train(a) -> int:
     from .training import learner_from_recipe, run_recipe
     if a.resume and a.run_dir is None:
         raise ValueError("--resume needs --run-dir, the run folder to continue")
-    if a.run_dir and not a.resume and Path(a.run_dir).exists() and any(Path(a.run_dir).iterdir()):
+    if a.run_dir and not a.resume and Path(a.run_dir).exists() and any(
+            p.name != "run.lock" for p in Path(a.run_dir).iterdir()):  # a lone lock: a run that died at its start
         raise FileExistsError(f"run folder {a.run_dir} already holds a run; pass --resume to continue it, "
                               f"or choose another --run-dir (nothing was overwritten)")
+    if a.run_dir and os.environ.get("RANK", "0") == "0":  # rank 0 takes the lock under torchrun
+        from .runlock import check_unlocked
+        check_unlocked(a.run_dir)  # another process trains there: say so before the data is read
+    run_args = dict(run_dir=a.run_dir, runs_root=a.out, resume=a.resume, checkpoint_steps=a.checkpoint_steps,
+                    accept_data_change=a.accept_data_change)
     if not a.distributed:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError("launched with several processes (WORLD_SIZE > 1) but without --distributed: "
                              "add --distributed, or each process would train alone")
         learn, r = learner_from_recipe(a.data, a.recipe, a.overrides)
-        res = run_recipe(learn, r, run_dir=a.run_dir, runs_root=a.out, resume=a.resume)
+        res = run_recipe(learn, r, **run_args)
         _report(res)
         return 0
     from fastai.distributed import teardown_distrib
@@ -126,7 +136,7 @@ def _train(a) -> int:
         with main_process_first():  # rank 0 builds the sample cache first
             learn, r = learner_from_recipe(a.data, a.recipe, a.overrides, progress=is_main_process())
         with distributed_ctx(learn, sync_bn=r.sync_bn):
-            res = run_recipe(learn, r, run_dir=a.run_dir, runs_root=a.out, resume=a.resume)
+            res = run_recipe(learn, r, **run_args)
         if is_main_process():
             _report(res)
     finally:
@@ -137,6 +147,35 @@ def _train(a) -> int:
 def _report(res) -> None:
     print(f"run folder: {res.run_dir}")
     print(f"accuracy={res.accuracy:.4f} time={res.seconds:.1f}s strategy={res.strategy}")
+
+
+def _resume_command(a, run_dir) -> str:
+    "The command line that resumes this `fastlearn train` run in `run_dir` (what the user typed, plus --resume)."
+    import shlex
+    argv = ["train", a.recipe, "--data", a.data, "--run-dir", str(run_dir), "--resume"]
+    if a.checkpoint_steps:
+        argv += ["--checkpoint-steps", str(a.checkpoint_steps)]
+    if a.distributed:
+        argv.append("--distributed")
+    argv += list(a.overrides)
+    if not a.distributed:
+        return shlex.join(["fastlearn", *argv])
+    n = os.environ.get("LOCAL_WORLD_SIZE")
+    launcher = (f"torchrun --standalone --nproc_per_node={n}" if n and os.environ.get("WORLD_SIZE") == n
+                else "torchrun <your torchrun options>")
+    return f"{launcher} -m fastlearn.cli {shlex.join(argv)}"
+
+
+def _interrupted(args, e) -> int:
+    "One line: where training stopped, what was saved, how to resume; exit 128 + the signal (130 Ctrl-C, 143 SIGTERM)."
+    from .distributed import is_main_process
+    if is_main_process():
+        if args.cmd == "train":
+            msg = e.describe(_resume_command(args, e.run_dir))
+        else:
+            msg = f"interrupted ({e.signal_name}) in the training of {e.run_dir}; stopped"
+        print(f"fastlearn: {msg}", file=sys.stderr, flush=True)
+    return e.exit_code
 
 
 def _lr_find(a) -> int:
@@ -178,10 +217,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from .errors import FastlearnError
+    from .errors import FastlearnError, TrainingInterrupted
     try:
         return {"recipes": lambda: _recipes(args.name), "train": lambda: _train(args), "lr-find": lambda: _lr_find(args),
                 "doctor": lambda: _doctor(args), "search": lambda: _search(args)}[args.cmd]()
+    except TrainingInterrupted as e:
+        return _interrupted(args, e)
     except (FastlearnError, ValueError, FileNotFoundError, FileExistsError) as e:
         msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
         print(f"fastlearn: error: {msg}", file=sys.stderr)

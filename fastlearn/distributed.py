@@ -56,7 +56,7 @@ from torch import nn
 from .errors import FastlearnError, NonFiniteError
 
 __all__ = ["distributed_ctx", "init_distributed", "is_distributed", "is_main_process", "rank", "world_size",
-           "broadcast_object", "main_process_first", "global_batch_size", "ShardedDL", "FullValidDL",
+           "broadcast_object", "all_reduce_max", "barrier", "main_process_first", "global_batch_size", "ShardedDL", "FullValidDL",
            "DDPTrainer", "RankZeroRecord"]
 
 DEFAULT_TIMEOUT_S = 1800.0  # 30 min, torch's gloo default: the longest a rank waits for the others in a collective
@@ -141,6 +141,21 @@ def broadcast_object(obj, src: int = 0):
     box = [obj if rank() == src else None]
     dist.broadcast_object_list(box, src=src, device=_group_device())
     return box[0]
+
+
+def all_reduce_max(n: int) -> int:
+    "The largest of every rank's integer `n` (one tiny all-reduce); `n` itself for one process."
+    if not _require_group("all_reduce_max"):
+        return n
+    t = torch.tensor([int(n)], dtype=torch.int64, device=_group_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def barrier() -> None:
+    "Wait until every rank gets here (nothing for one process)."
+    if _require_group("barrier"):
+        dist.barrier()
 
 
 @contextmanager
@@ -367,8 +382,10 @@ def distributed_ctx(learn, sync_bn: bool = False, timeout_s: float = DEFAULT_TIM
     try:
         yield learn
     except BaseException as e:
-        print(f"fastlearn.distributed: rank {rank()} of {world_size()} failed: {type(e).__name__}: {e}",
-              file=sys.stderr, flush=True)
+        from .errors import TrainingInterrupted
+        if not isinstance(e, TrainingInterrupted):  # every rank stopped together on a signal: not a failure
+            print(f"fastlearn.distributed: rank {rank()} of {world_size()} failed: {type(e).__name__}: {e}",
+                  file=sys.stderr, flush=True)
         raise
     finally:
         trainer.restore_model()

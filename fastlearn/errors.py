@@ -2,7 +2,8 @@
 
 __all__ = ["FastlearnError", "DataError", "EmptyClassError", "SingleClassError", "CorruptImageError",
            "UnknownArchError", "RecipeError", "CheckpointError", "NonFiniteError", "LabelRangeError",
-           "WeightsError", "MissingExtraError", "RecipeMismatchError"]
+           "WeightsError", "MissingExtraError", "RecipeMismatchError", "RunLockedError", "DataChangedError",
+           "TrainingInterrupted"]
 
 
 class FastlearnError(Exception):
@@ -59,3 +60,51 @@ class CheckpointError(FastlearnError, RuntimeError):
 
 class NonFiniteError(FastlearnError, FloatingPointError):
     "Training produced a NaN or Inf loss or gradient."
+
+
+class RunLockedError(FastlearnError, RuntimeError):
+    "Another process is training in this run folder (it holds `run.lock`)."
+
+
+class DataChangedError(FastlearnError, ValueError):
+    "A resume was pointed at other data than the run folder's `data.json` records."
+
+
+class TrainingInterrupted(FastlearnError):
+    """Training stopped on Ctrl-C (SIGINT) or SIGTERM. `.checkpoint` is the checkpoint to resume from (None when
+    none exists yet), `.saved` says whether it was written at the stop, `.exit_code` is 128 + the signal number."""
+
+    def __init__(self, signum: int, run_dir, checkpoint=None, where: str = "", saved: bool = False,
+                 forced: bool = False):
+        self.signum, self.run_dir, self.checkpoint = int(signum), run_dir, checkpoint
+        self.where, self.saved, self.forced = where, saved, forced
+        super().__init__(self.describe())
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    @property
+    def signal_name(self) -> str:
+        import signal
+        try:
+            return signal.Signals(self.signum).name
+        except ValueError:
+            return f"signal {self.signum}"
+
+    def describe(self, resume_command: str | None = None) -> str:
+        "One line: where it stopped, what was saved and the command that resumes (the Python call by default)."
+        cmd = resume_command or f"run_recipe(learn, recipe, run_dir={str(self.run_dir)!r}, resume=True)"
+        ckpt = None if self.checkpoint is None else str(self.checkpoint).removesuffix(".pt")
+        if self.forced:
+            head = f"stopped at once on a second {self.signal_name}"
+        else:
+            head = f"interrupted ({self.signal_name})" + (f" at {self.where}" if self.where else "")
+        if ckpt is None:
+            return f"{head}: nothing saved yet (no checkpoint); start again with: {cmd}"
+        if self.saved:
+            return f"{head}: checkpoint {ckpt} saved; resume with: {cmd}"
+        return f"{head}: no new checkpoint, the latest ({ckpt}) is intact; resume with: {cmd}"
+
+    def __str__(self) -> str:  # fastai rewrites args[0] of exceptions raised in callbacks; the fields stay
+        return self.describe()

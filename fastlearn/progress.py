@@ -70,9 +70,17 @@ class EpochProgress(Callback):
                                       transient=True)
             self._progress.start()
 
+    def _stage_clock(self) -> tuple[int, int]:
+        "Epochs of the stage before this fit (a resumed stage goes on from its checkpoint) and the stage's total."
+        r = getattr(self.learn, "resume_at", None)  # fastlearn.checkpoint.ResumeAt, during a resumed stage
+        off = r.epoch_offset if r is not None else 0
+        return off, (r.stage_epochs if r is not None else self.n_epoch)
+
     def before_epoch(self):
+        self.t_epoch = time.perf_counter()
         if self._in_fit and self._progress is not None:
-            self._task = self._progress.add_task(f"{self.stage} epoch {self.epoch + 1}/{self.n_epoch}",
+            off, total = self._stage_clock()
+            self._task = self._progress.add_task(f"{self.stage} epoch {self.epoch + 1 + off}/{total}",
                                                  total=len(self.dls.train), loss="-")
 
     def after_batch(self):
@@ -86,8 +94,12 @@ class EpochProgress(Callback):
             self._progress.remove_task(self._task)
         parts = [f"{n} {_fmt(v)}" for n, v in epoch_metrics(self.learn.recorder).items()]
         stage = f"[{self.stage}] " if self.stage else ""
-        line = f"{stage}epoch {self.epoch + 1}/{self.n_epoch} " + " ".join(parts) + \
-            f" time {time.perf_counter() - self.t_fit:.1f}s"
+        off, total = self._stage_clock()
+        now = time.perf_counter()
+        timing = f" time {now - self.t_epoch:.1f}s"  # this epoch's (training and validation)
+        if self.epoch > 0:  # and the stage's so far, labelled (since the resume, for a resumed stage)
+            timing += f" ({'stage since resume' if off else 'stage'} {now - self.t_fit:.1f}s)"
+        line = f"{stage}epoch {self.epoch + 1 + off}/{total} " + " ".join(parts) + timing
         print(line, file=self.stream or sys.stdout, flush=True)
 
     def after_fit(self):

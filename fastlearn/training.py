@@ -136,7 +136,7 @@ def _first_metric(learn) -> tuple[float, float]:
 
 def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, overrides: dict | None = None,
                runs_root: str | Path = "runs", resume: bool = False, checkpoint_steps: int = 0,
-               cbs=None) -> RunResult:
+               cbs=None, accept_data_change: bool = False) -> RunResult:
     """Run `recipe` on `learn`: find the LR, train the head (on cached features when the body is pretrained),
     choose the strategy (`auto`), fine-tune each unfreezing stage as a one-cycle with discriminative LRs, keep
     the best stage end's weights, and write everything into a run folder.
@@ -145,26 +145,48 @@ def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, over
     with `checkpoint_steps`, every that many batches. `resume=True` continues `run_dir` from its latest
     checkpoint: finished stages are skipped and the current one goes on from the saved epoch and batch.
     `cbs`: the caller's fastai callbacks, added to every stage that trains the network (not to lr_find, nor to the
-    head trained on cached features, which never sees images)."""
+    head trained on cached features, which never sees images).
+
+    One process at a time trains in a run folder (`run.lock`, else `RunLockedError`). `data.json` records the
+    data; a resume on other data raises `DataChangedError` unless `accept_data_change`. Ctrl-C or SIGTERM stop
+    at the next batch boundary with a checkpoint there and raise `TrainingInterrupted` (how to resume)."""
+    from .checkpoint import resume_or_restart
+    from .compat import reconcile
+    from .distributed import broadcast_object, is_main_process
+    from .fingerprint import record_data
+    from .interrupt import interrupt_guard
+    from .runlock import run_lock
+    r = load_recipe(recipe, overrides)
+    if r.bs is None:  # derived from the data: the batch size the DataLoaders were built with is what runs
+        r = r.replace(bs=int(learn.dls.train.bs))
+    r = reconcile(learn, r)  # a learner built outside the recipe: its own values, warned and recorded
+    if resume and run_dir is None:
+        raise ValueError("resume=True needs run_dir, the run folder to continue")
+    if run_dir is None:
+        run_dir = broadcast_object(new_run_dir(runs_root, r.name) if is_main_process() else None)
+    run_dir = Path(run_dir)
+    if resume and not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {run_dir} does not exist: nothing to resume; check the path, or "
+                                f"train without resume to start a run there")
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir), interrupt_guard(run_dir):
+        resume = resume and resume_or_restart(run_dir)
+        record_data(learn.dls, run_dir, resume=resume, accept_change=accept_data_change)
+        return _run_recipe(learn, r, run_dir, resume=resume, checkpoint_steps=checkpoint_steps, cbs=cbs)
+
+
+def _run_recipe(learn, r: Recipe, run_dir: Path, resume: bool = False, checkpoint_steps: int = 0,
+                cbs=None) -> RunResult:
+    "run_recipe's training, inside the run folder's lock and the signal guard."
     from .callbacks import recipe_callbacks
     from .checkpoint import Checkpointer, ResumeAt, resume_state
     from .distributed import broadcast_object, global_batch_size, is_main_process
     from .guard import NonFiniteGuard
+    from .interrupt import StopOnSignal
     from .keep import Candidate, KeepBest
     from .schedules import scale_lr
-    r = load_recipe(recipe, overrides)
-    if r.bs is None:  # derived from the data: the batch size the DataLoaders were built with is what runs
-        r = r.replace(bs=int(learn.dls.train.bs))
-    from .compat import reconcile  # a learner built outside the recipe: its own values, warned and recorded
-    r = reconcile(learn, r)
     main = is_main_process()  # under DDP only rank 0 writes files and prints; all ranks train
-    if resume and run_dir is None:
-        raise ValueError("resume=True needs run_dir, the run folder to continue")
-    if run_dir is None:
-        run_dir = broadcast_object(new_run_dir(runs_root, r.name) if main else None)
-    run_dir = Path(run_dir)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
     state = resume_state(run_dir, r) if resume else None
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -178,6 +200,7 @@ def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, over
     keep = KeepBest(run_dir / "checkpoints" / "kept.safetensors", write=main) if r.keep_best else None
     peak, ft_peak, probe = r.lr, r.ft_lr, None
     guard = NonFiniteGuard()
+    stop = StopOnSignal()  # Ctrl-C/SIGTERM: checkpoint at the next batch boundary and stop
 
     def extra_state() -> dict:
         return {"strategy": strategy, "why": why, "peak": peak, "ft_peak": ft_peak, "stages": stages,
@@ -209,6 +232,7 @@ def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, over
     plan = stage_plan(r, learn.n_layer_groups, strategy)
     if on_features and plan[0].n_trainable == 1:  # the head stage ran on features: its epochs are not images'
         plan[0] = UnfreezeStage(1, 0, plan[0].lr_mult)
+    stop.n_stages = len(plan)
     if main:
         r.save(run_dir / "recipe.toml")
         (run_dir / "environment.json").write_text(json.dumps(environment(r.seed), indent=2))
@@ -226,8 +250,9 @@ def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, over
         if keep is not None and state.extra.get("kept"):
             keep.load_state_dict(state.extra["kept"])
         if main:
-            print(f"resuming {run_dir} from {state.path.name}: stage {state.stage + 1}/{len(plan)}, "
-                  f"epoch {state.epoch}/{state.stage_epochs}, batch {state.iter}", flush=True)
+            at = "done" if state.stage_done else f"epoch {state.epoch + 1}/{state.stage_epochs}" + (
+                f" from batch {state.iter + 1}" if state.iter else "")  # counted as the progress lines count
+            print(f"resuming {run_dir} from {state.path.name}: stage {state.stage + 1}/{len(plan)} {at}", flush=True)
     elif on_features:
         learn.add_cb(ckpt)  # a checkpoint after the head stage: a resume skips it (and its feature pass)
         ckpt.stage_index = 0
@@ -274,7 +299,7 @@ def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, over
         lr = slice(hi / r.lr_ratio, hi) if st.n_trainable > 1 else hi
         ts = time.perf_counter()
         learn.fit_stage(epochs, lr, r.div, r.final_div, r.pct_start, r.moms,
-                        cbs=[trace, log, ckpt, guard] + extra + resume_cb + list(cbs or []))
+                        cbs=[trace, log, ckpt, guard, stop] + extra + resume_cb + list(cbs or []))
         vals = epoch_metrics(learn.recorder)
         ran = sum(1 for row in log.rows if row["stage"] == name)  # fewer than planned after early stopping
         stages.append({"stage": name, "trainable_groups": st.n_trainable, "epochs": ran,

@@ -171,3 +171,45 @@ def test_train_and_lr_find_end_to_end(tmp_path, image_folder):
                   "--bs", "8", "--num-it", "30", "--plot", str(tmp_path / "lr.png"))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "peak lr" in out.stdout and "start lr" in out.stdout and (tmp_path / "lr.png").exists()
+
+
+def test_resume_command_is_the_typed_command_plus_resume(monkeypatch):
+    from fastlearn.cli import _parser, _resume_command
+    a = _parser().parse_args(["train", "digits", "epochs=3", "lr=1e-3", "--data", "my data", "--out", "o",
+                              "--checkpoint-steps", "50"])
+    assert _resume_command(a, "runs/x") == ("fastlearn train digits --data 'my data' --run-dir runs/x --resume "
+                                            "--checkpoint-steps 50 epochs=3 lr=1e-3")
+    monkeypatch.setenv("WORLD_SIZE", "4"); monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    a = _parser().parse_args(["train", "digits", "--data", "d", "--distributed"])
+    assert _resume_command(a, "r") == ("torchrun --standalone --nproc_per_node=4 -m fastlearn.cli train digits "
+                                       "--data d --run-dir r --resume --distributed")
+
+
+def test_interrupted_training_is_one_line_and_exit_128_plus_signal(monkeypatch, capsys):
+    import signal
+    from fastlearn import cli
+    from fastlearn.errors import TrainingInterrupted
+
+    def stopped(a):
+        raise TrainingInterrupted(signal.SIGTERM, "runs/x", "runs/x/checkpoints/ckpt-41.pt",
+                                  "stage 2/3 epoch 1/2 batch 17/40", saved=True)
+    monkeypatch.setattr(cli, "_train", stopped)
+    assert cli.main(["train", "digits", "--data", "digits", "epochs=3"]) == 143
+    err = capsys.readouterr().err.strip()
+    assert err == ("fastlearn: interrupted (SIGTERM) at stage 2/3 epoch 1/2 batch 17/40: checkpoint "
+                   "runs/x/checkpoints/ckpt-41 saved; resume with: fastlearn train digits --data digits --run-dir "
+                   "runs/x --resume epochs=3")
+
+
+def test_a_lone_stale_lock_does_not_count_as_a_run(tmp_path, capsys, monkeypatch):
+    "A run killed while starting leaves only run.lock: starting afresh there is allowed (and takes the lock over)."
+    from fastlearn import training
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.lock").write_text('{"pid": 999999999, "host": "h"}')
+
+    def reached(*a, **k):
+        raise ValueError("reached the data")
+    monkeypatch.setattr(training, "learner_from_recipe", reached)
+    assert main(["train", "digits", "--data", "digits", "--run-dir", str(run)]) == 2
+    assert "reached the data" in capsys.readouterr().err

@@ -44,3 +44,31 @@ def test_summary_table_never_cuts_a_value(monkeypatch, capsys):
     for v in ("complete", "0.0032", "1.20e-04", "0.2345", "0.9123", "12.3000"):
         assert v in text, v                                      # headers may fold, values stay whole
     assert "…" not in text
+
+
+def test_each_line_shows_its_own_epoch_time_and_the_stage_count_goes_on_after_a_resume():
+    import re
+    import time
+    from types import SimpleNamespace
+    from fastai.callback.core import Callback
+
+    class SlowFirstEpoch(Callback):
+        def before_batch(self):
+            if self.epoch == 0 and self.iter == 0 and self.training:
+                time.sleep(0.5)
+
+    learn = transfer_learner(synthetic_dls(), "test_resnet", pretrained=False, progress=False)
+    buf = io.StringIO()
+    learn.add_cbs([EpochProgress(stream=buf), SlowFirstEpoch()])
+    learn.fit_stage(2, 1e-3)
+    first, second = buf.getvalue().splitlines()
+    t1 = float(re.search(r" time (\d+\.\d)s$", first).group(1))
+    t2, stage = map(float, re.search(r" time (\d+\.\d)s \(stage (\d+\.\d)s\)$", second).groups())
+    assert t1 >= 0.5 > t2 and stage >= t1 + t2 - 0.1  # per epoch, not since the fit started; the stage's labelled
+    # a stage resumed at epoch 3 of 5 (fastlearn.checkpoint.ResumeAt sets learn.resume_at) counts on from there
+    learn.resume_at = SimpleNamespace(epoch_offset=3, stage_epochs=5)
+    buf.truncate(0); buf.seek(0)
+    learn.fit_stage(2, 1e-3)
+    lines = buf.getvalue().splitlines()
+    assert [l.split(" train_loss")[0] for l in lines] == ["epoch 4/5", "epoch 5/5"]
+    assert "(stage since resume " in lines[1]
