@@ -8,7 +8,8 @@ __version__ = "0.1.0"
 
 from .data import check_image_folder, image_dls
 from .errors import (CheckpointError, CorruptImageError, DataError, EmptyClassError, FastlearnError,
-                     LabelRangeError, NonFiniteError, RecipeError, SingleClassError, UnknownArchError, WeightsError)
+                     ExportError, LabelRangeError, NonFiniteError, RecipeError, RunFolderError, SingleClassError,
+                     UnknownArchError, WeightsError)
 from .layer_groups import layer_groups, n_groups
 from .learner import TransferLearner, transfer_learner
 from .lr_finder import LRFindResult, lr_find
@@ -25,6 +26,10 @@ from .health import HealthMonitor
 from .resize import ProgressiveResize
 from .search import search
 from .strategy import choose_strategy
+from .run_folder import Run, load_run
+from .predict import Prediction
+from .export import export_run
+from .interpret import interpret
 
 __all__ = [
     # data
@@ -40,11 +45,14 @@ __all__ = [
     "sanity_check", "diagnose", "search",
     # weights
     "save_weights", "load_weights",
+    # using a finished run: load, predict, export, interpret
+    "load_run", "Run", "Prediction", "export_run", "interpret",
     # schedules
     "one_cycle_lr", "one_cycle_mom", "layer_lrs", "unfreeze_plan",
     # recipes
     "Recipe", "load_recipe", "list_recipes",
     # errors
     "FastlearnError", "DataError", "EmptyClassError", "SingleClassError", "CorruptImageError", "LabelRangeError",
-    "UnknownArchError", "WeightsError", "RecipeError", "CheckpointError", "NonFiniteError",
+    "UnknownArchError", "WeightsError", "RecipeError", "CheckpointError", "NonFiniteError", "RunFolderError",
+    "ExportError",
 ]

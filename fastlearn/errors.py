@@ -2,7 +2,7 @@
 
 __all__ = ["FastlearnError", "DataError", "EmptyClassError", "SingleClassError", "CorruptImageError",
            "UnknownArchError", "RecipeError", "CheckpointError", "NonFiniteError", "LabelRangeError",
-           "WeightsError"]
+           "WeightsError", "RunFolderError", "ExportError"]
 
 
 class FastlearnError(Exception):
@@ -51,3 +51,11 @@ class CheckpointError(FastlearnError, RuntimeError):
 
 class NonFiniteError(FastlearnError, FloatingPointError):
     "Training produced a NaN or Inf loss or gradient."
+
+
+class RunFolderError(FastlearnError, ValueError):
+    "A run folder is missing, unfinished (no model.json / model.safetensors) or inconsistent."
+
+
+class ExportError(FastlearnError, RuntimeError):
+    "Exporting a run's model failed, or the exported model disagrees with PyTorch."
