@@ -75,8 +75,9 @@ def per_class_metrics(targs: torch.Tensor, decided: torch.Tensor, classes: Seque
     "{class: precision, recall, f1, support} by scikit-learn (0 where undefined: a class never predicted)."
     from sklearn.metrics import precision_recall_fscore_support
     labels = None if multi_label else list(range(len(classes)))
-    p, r, f, s = precision_recall_fscore_support(targs.numpy(), decided.numpy(), labels=labels, average=None,
-                                                 zero_division=0)
+    # fastai's multi-label targets are float one-hot rows; scikit-learn wants one indicator type on both sides
+    p, r, f, s = precision_recall_fscore_support(targs.long().numpy(), decided.long().numpy(), labels=labels,
+                                                 average=None, zero_division=0)
     return {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
             for i, c in enumerate(classes)}
 

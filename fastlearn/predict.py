@@ -194,8 +194,10 @@ def predict_main(run_dir: str | Path, images: Sequence[str], topk: int = 3, bs: 
     run = load_run(run_dir, device=device)
     preds = run.predict(images, topk=topk, tta=tta, bs=bs)
     shown = preds if csv_path is None else preds[:max_rows]
-    kind = "multi-label, threshold " + str(run.card.get("threshold")) if run.multi_label else "softmax"
-    t = Table(title=f"{run.card['arch']} from {run_dir} ({kind}{', TTA: ' + '+'.join(tta_views(run.recipe)) if tta else ''})")
+    how = [f"multi-label, threshold {run.card.get('threshold')}" if run.multi_label else "softmax"]
+    if tta:
+        how.append("TTA: " + " + ".join(tta_views(run.recipe)))
+    t = Table(title=f"{run.card['arch']} from {run_dir} ({', '.join(how)})")
     t.add_column("image")
     t.add_column("prediction")
     for i in range(min(topk, len(run.classes))):

@@ -159,6 +159,10 @@ def read_model_card(run_dir: str | Path) -> dict:
                              f"upgrade fastlearn")
     if len(card["classes"]) != card["n_classes"]:
         raise RunFolderError(f"{path} names {len(card['classes'])} classes for a {card['n_classes']}-output model")
+    t = card.get("threshold")
+    if isinstance(t, list) and len(t) != card["n_classes"]:
+        raise RunFolderError(f"{path} has {len(t)} thresholds for {card['n_classes']} classes; give one per class "
+                             f"or one number")
     return card
 
 
@@ -213,4 +217,6 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> R
         raise RunFolderError(f"{weights} does not fit {card['arch']!r} with {card['n_classes']} outputs as "
                              f"{MODEL_CARD} says ({first}); the folder mixes files of different runs") from None
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: this torch sees no CUDA device; pass device='cpu' (--device cpu)")
     return Run(run_dir, card, model.to(device).eval(), _read_recipe(run_dir), device)

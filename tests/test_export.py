@@ -98,3 +98,10 @@ def test_cli_export_prints_the_difference(trained_run, tmp_path, capsys):
     assert f"exported torchscript: {tmp_path / 'm.pt'}" in out and "max abs diff vs PyTorch" in out
     assert main(["export", str(tmp_path), "--format", "timm"]) == 2
     assert "not a fastlearn run folder" in capsys.readouterr().err
+
+
+def test_cli_export_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["export", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "{onnx,torchscript,timm}" in out

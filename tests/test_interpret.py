@@ -51,8 +51,8 @@ def test_per_class_metrics_single_and_multi_label():
     assert m["x"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
     assert m["y"]["precision"] == pytest.approx(0.5) and m["z"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0,
                                                                     "support": 1}
-    multi = per_class_metrics(torch.tensor([[1, 0], [1, 1], [0, 1]]), torch.tensor([[1, 1], [0, 1], [0, 1]]),
-                              ["cat", "dog"], multi_label=True)
+    multi = per_class_metrics(torch.tensor([[1., 0.], [1., 1.], [0., 1.]]),  # fastai's one-hot float targets
+                              torch.tensor([[1, 1], [0, 1], [0, 1]]), ["cat", "dog"], multi_label=True)
     assert multi["cat"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
     assert multi["dog"]["precision"] == pytest.approx(2 / 3) and multi["dog"]["support"] == 2
 

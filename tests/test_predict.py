@@ -168,3 +168,10 @@ def test_predict_on_cuda_matches_cpu(trained_run, device):
     gpu, cpu = load_run(run_dir), load_run(run_dir, device="cpu")  # the default device is CUDA when present
     assert gpu.device.type == "cuda"
     assert float((gpu.probs(items, tta=True) - cpu.probs(items, tta=True)).abs().max()) <= 1e-4
+
+
+def test_cli_predict_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["predict", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "usage: fastlearn predict" in out and "--tta" in out and "--csv" in out

@@ -28,7 +28,7 @@ def test_quickstart_command_names_a_real_recipe_and_sample():
 
 
 def test_cli_help_works_everywhere():
-    for args in ([], ["train"], ["recipes"], ["lr-find"], ["doctor"], ["search"], ["predict"], ["export"]):
+    for args in ([], ["train"], ["recipes"], ["lr-find"], ["doctor"], ["search"]):
         out = subprocess.run([sys.executable, "-m", "fastlearn.cli", *args, "--help"], capture_output=True,
                              text=True, timeout=120)
         assert out.returncode == 0 and "usage: fastlearn" in out.stdout, (args, out.stderr[-500:])

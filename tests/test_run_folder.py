@@ -87,6 +87,13 @@ def test_inconsistent_cards_are_refused(trained_run, tmp_path):
     (d / MODEL_CARD).write_text(json.dumps({k: v for k, v in card.items() if k != "arch"}))
     with pytest.raises(RunFolderError, match="lacks \\['arch'\\]"):
         read_model_card(d)
+    (d / MODEL_CARD).write_text(json.dumps({**card, "multi_label": True, "threshold": [0.5, 0.5]}))
+    with pytest.raises(RunFolderError, match="2 thresholds for 3 classes"):
+        read_model_card(d)
     (d / MODEL_CARD).write_text(json.dumps({**card, "n_classes": 4, "classes": list("abcd")}))
     with pytest.raises(RunFolderError, match="does not fit 'test_resnet' with 4 outputs"):
         load_run(d)
+    if not torch.cuda.is_available():
+        (d / MODEL_CARD).write_text(json.dumps(card))
+        with pytest.raises(ValueError, match="no CUDA device; pass device='cpu'"):
+            load_run(d, device="cuda")
