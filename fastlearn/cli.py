@@ -85,7 +85,8 @@ def _use_parsers(sub) -> None:
                         description="Export the model in RUN_DIR and check the export against PyTorch "
                                     "(prints the largest absolute difference of the logits).")
     ex.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder (holds model.json)")
-    ex.add_argument("--format", required=True, choices=("onnx", "torchscript", "timm"), help="onnx (needs fastlearn[onnx]), torchscript, timm")
+    ex.add_argument("--format", required=True, choices=("onnx", "torchscript", "timm"),
+                    help="onnx (needs fastlearn[onnx]), torchscript, timm")
     ex.add_argument("--out", default=None, help="output file (folder for timm); default RUN_DIR/export/...")
 
 

@@ -152,7 +152,8 @@ def plot_top_losses(interp: Interpretation, path: str | Path, k: int = 9) -> Pat
     for x, y, text in captions:
         ax.text(x, y, text, ha="center", va="bottom", fontsize=8)
     ax.set_axis_off()
-    fig.suptitle("top losses: predicted (probability) / actual (probability)", fontsize=10)
+    fig.suptitle("top losses: predicted classes (over the threshold) / actual classes" if interp.multi_label
+                 else "top losses: predicted (probability) / actual (probability)", fontsize=10)
     fig.savefig(path, dpi=100)
     return Path(path)
 
@@ -200,6 +201,7 @@ def interpret_run(learn, run_dir: str | Path, recipe=None, k: int = 9, show: boo
         title = f"per class, {len(interp.losses)} validation images"
         if len(rows) > _MAX_ROWS:  # a 1000-class table helps no one: the classes that need attention
             rows = sorted(rows, key=lambda r: r["f1"])[:_MAX_ROWS]
-            title = f"the {_MAX_ROWS} classes with the lowest F1 of {len(per_class)}, {len(interp.losses)} validation images"
+            title = (f"the {_MAX_ROWS} classes with the lowest F1 of {len(per_class)}, "
+                     f"{len(interp.losses)} validation images")
         summary_table(rows, title=title)
     return per_class

@@ -102,7 +102,8 @@ def _item_tensor(img, card: dict) -> torch.Tensor:
     "uint8 (3, H, W): the validation item transform (fastai Resize, validation split = centre crop), then ToTensor."
     from fastai.vision.augment import Resize
     from fastai.vision.core import image2tensor
-    r = card["resize"]
+    # a card with only the shared-design fields (no "resize"): fastai's default Resize at the input size
+    r = card.get("resize") or {"size": card["input_size"], "method": "crop", "pad_mode": "reflection"}
     return image2tensor(Resize(r["size"], method=r["method"], pad_mode=r["pad_mode"])(img, split_idx=1))
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -216,7 +215,9 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> R
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise RunFolderError(f"{weights} does not fit {card['arch']!r} with {card['n_classes']} outputs as "
                              f"{MODEL_CARD} says ({first}); the folder mixes files of different runs") from None
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r}: this torch sees no CUDA device; pass device='cpu' (--device cpu)")
     return Run(run_dir, card, model.to(device).eval(), _read_recipe(run_dir), device)

@@ -76,3 +76,28 @@ def test_tensor_data_gets_metrics_and_matrix_without_images(tmp_path):
     assert (tmp_path / "confusion_matrix.png").exists() and not (tmp_path / "top_losses.png").exists()
     assert json.loads((tmp_path / "summary.json").read_text())["per_class"] == per_class
     assert plt.get_fignums() == figures  # drawn on matplotlib Figures: no pyplot figure was opened
+
+
+def test_multi_label_learner_gets_card_and_interpretation(trained_run, tmp_path):
+    "A fastai multi-label learner (BCE-with-logits, one-hot targets): sigmoid card, thresholded metrics, no matrix."
+    from fastai.data.block import DataBlock, MultiCategoryBlock
+    from fastai.losses import BCEWithLogitsLossFlat
+    from fastai.vision.augment import Resize
+    from fastai.vision.data import ImageBlock
+    from fastai.data.transforms import GrandparentSplitter, get_image_files
+    from fastlearn.learner import transfer_learner
+    from fastlearn.run_folder import model_card
+    learn, _, _ = trained_run
+    extra = {"a": ["a", "warm"], "b": ["b"], "c": ["c", "cold"]}  # two labels on some images
+    block = DataBlock(blocks=(ImageBlock, MultiCategoryBlock), get_items=get_image_files,
+                      get_y=lambda p: extra[p.parent.name], splitter=GrandparentSplitter(valid_name="valid"),
+                      item_tfms=Resize(32))
+    dls = block.dataloaders(learn.dls.path, bs=8, num_workers=0)
+    multi = transfer_learner(dls, "test_resnet", pretrained=False, loss_func=BCEWithLogitsLossFlat(thresh=0.4),
+                             metrics=[], progress=False)
+    card = model_card(multi)
+    assert card["multi_label"] is True and card["threshold"] == 0.4 and card["classes"] == list(dls.vocab)
+    per_class = interpret_run(multi, tmp_path, show=False)
+    assert set(per_class) == {"a", "b", "c", "cold", "warm"}
+    assert per_class["warm"]["support"] == 4 and per_class["a"]["support"] == 4
+    assert (tmp_path / "top_losses.png").exists() and not (tmp_path / "confusion_matrix.png").exists()

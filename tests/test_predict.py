@@ -137,14 +137,13 @@ def test_cli_predict_bad_input_is_one_line_and_exit_2(trained_run, tmp_path, cap
 
 
 def test_multi_label_run_uses_sigmoid_and_per_class_thresholds(tmp_path):
-    "A hand-built multi-label run folder (the training side builds the same model.json)."
+    "A hand-built multi-label run folder (the training side writes the same model.json through write_model_card)."
     d = tmp_path / "run"
     model = create_model("test_resnet", 3, pretrained=False).eval()
     save_weights(model, d / "model.safetensors")
     card = {"format": 1, "arch": "test_resnet", "n_classes": 3, "classes": ["cat", "dog", "sofa"], "input_size": 32,
             "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "multi_label": True, "threshold": [0.5, 0.3, 0.9],
-            "weights": "model.safetensors", "fastlearn_version": "0.1.0",
-            "resize": {"size": 32, "method": "crop", "pad_mode": "reflection"}}
+            "weights": "model.safetensors", "fastlearn_version": "0.1.0"}  # the shared design's fields only
     (d / MODEL_CARD).write_text(json.dumps(card))
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (36, 48, 3), dtype=np.uint8)) for _ in range(6)]

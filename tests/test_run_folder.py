@@ -25,7 +25,8 @@ def test_model_card_describes_the_run(trained_run):
     assert card["classes"] == ["a", "b", "c"] == list(learn.dls.vocab) and card["n_classes"] == 3
     assert card["input_size"] == 32 and card["resize"] == {"size": 32, "method": "crop", "pad_mode": "reflection"}
     norm = learn.dls.valid.after_batch.fs[-1]  # image_dls's Normalize
-    assert card["mean"] == pytest.approx(norm.mean.flatten().tolist()) and card["std"] == pytest.approx(norm.std.flatten().tolist())
+    assert card["mean"] == pytest.approx(norm.mean.flatten().tolist())
+    assert card["std"] == pytest.approx(norm.std.flatten().tolist())
     assert card["multi_label"] is False and card["threshold"] is None
     assert (run_dir / card["weights"]).exists() and card["fastlearn_version"] and card["recipe"] == r.name
 
