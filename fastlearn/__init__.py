@@ -8,9 +8,10 @@ __version__ = "0.1.0"  # the one place the version is defined (setup.cfg reads i
 
 from . import _fastai  # noqa: F401  (first: imports fastai without its torch.jit.script FutureWarning)
 from .data import check_image_folder, image_dls
-from .errors import (CheckpointError, CorruptImageError, DataChangedError, DataError, EmptyClassError, FastlearnError,
-                     LabelRangeError, MissingExtraError, NonFiniteError, RecipeError, RecipeMismatchError,
-                     RunLockedError, SingleClassError, TrainingInterrupted, UnknownArchError, WeightsError)
+from .errors import (CheckpointError, CorruptImageError, DataChangedError, DataError, EmptyClassError, ExportError,
+                     FastlearnError, LabelRangeError, MissingExtraError, NonFiniteError, RecipeError,
+                     RecipeMismatchError, RunFolderError, RunLockedError, SingleClassError, TrainingInterrupted,
+                     UnknownArchError, WeightsError)
 from .layer_groups import layer_groups, n_groups
 from .learner import TransferLearner, transfer_learner
 from .lr_finder import LRFindResult, lr_find
@@ -27,6 +28,10 @@ from .health import HealthMonitor
 from .resize import ProgressiveResize
 from .search import search
 from .strategy import choose_strategy
+from .run_folder import Run, load_run
+from .predict import Prediction
+from .export import export_run
+from .interpret import interpret
 
 __all__ = [
     # data
@@ -42,6 +47,8 @@ __all__ = [
     "sanity_check", "diagnose", "search",
     # weights
     "save_weights", "load_weights",
+    # using a finished run: load, predict, export, interpret
+    "load_run", "Run", "Prediction", "export_run", "interpret",
     # schedules
     "one_cycle_lr", "one_cycle_mom", "layer_lrs", "unfreeze_plan",
     # recipes
@@ -50,4 +57,5 @@ __all__ = [
     "FastlearnError", "DataError", "EmptyClassError", "SingleClassError", "CorruptImageError", "LabelRangeError",
     "UnknownArchError", "WeightsError", "RecipeError", "CheckpointError", "NonFiniteError", "RecipeMismatchError",
     "MissingExtraError", "RunLockedError", "DataChangedError", "TrainingInterrupted",
+    "RunFolderError", "ExportError",
 ]

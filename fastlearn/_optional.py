@@ -21,7 +21,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "tensorboard": ("tensorboard",),
     "mlflow": ("mlflow-skinny",),
     "wandb": ("wandb",),
-    "onnx": ("onnx", "onnxruntime"),
+    "onnx": ("onnx", "onnxruntime", "onnxscript"),
 }
 
 

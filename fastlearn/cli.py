@@ -1,4 +1,5 @@
-"""The `fastlearn` command line: `recipes`, `train`, `lr-find`, `doctor`, `search` (and `--version`).
+"""The `fastlearn` command line: `recipes`, `train`, `lr-find`, `doctor`, `search`, `predict`, `export` (and
+`--version`).
 
 Bad input exits with status 2 and one line `fastlearn: error: ...` before any training starts, and before
 any folder is created. Every command a message suggests is one this parser accepts (tests/test_cli.py).
@@ -89,7 +90,31 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/search", help="output folder")
     s.add_argument("--seed", type=int, default=0, help="sampler seed")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="recipe keys to override")
+    _use_parsers(sub)
     return p
+
+
+def _use_parsers(sub) -> None:
+    "`predict` and `export`: use a finished run folder without its training data."
+    pr = sub.add_parser("predict", help="top-k classes of images with a finished run's model",
+                        description="Predict IMAGES (files, folders searched recursively, glob patterns) with the "
+                                    "model in RUN_DIR; preprocessing is the run's validation pipeline.")
+    pr.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder (holds model.json)")
+    pr.add_argument("images", nargs="+", metavar="IMAGES", help="image files, folders or glob patterns")
+    pr.add_argument("--topk", type=int, default=3, help="classes shown per image (default 3)")
+    pr.add_argument("--bs", type=int, default=64, help="batch size (default 64)")
+    pr.add_argument("--tta", action="store_true",
+                    help="average over the original, a 1.1x centre zoom and (if the run trained with flips) the mirror")
+    pr.add_argument("--csv", default=None, metavar="OUT.csv", help="also write every prediction to this CSV file")
+    pr.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+
+    ex = sub.add_parser("export", help="export a finished run's model to ONNX, TorchScript or a timm folder",
+                        description="Export the model in RUN_DIR and check the export against PyTorch "
+                                    "(prints the largest absolute difference of the logits).")
+    ex.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder (holds model.json)")
+    ex.add_argument("--format", required=True, choices=("onnx", "torchscript", "timm"),
+                    help="onnx (needs fastlearn[onnx]), torchscript, timm")
+    ex.add_argument("--out", default=None, help="output file (folder for timm); default RUN_DIR/export/...")
 
 
 def _recipes(name: str | None) -> int:
@@ -202,6 +227,16 @@ def _search(a) -> int:
                        out_dir=a.out, seed=a.seed, overrides=a.overrides)
 
 
+def _predict(a) -> int:
+    from .predict import predict_main
+    return predict_main(a.run_dir, a.images, topk=a.topk, bs=a.bs, tta=a.tta, csv_path=a.csv, device=a.device)
+
+
+def _export(a) -> int:
+    from .export import export_main
+    return export_main(a.run_dir, a.format, a.out)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     "The command line as `main` reads it (argparse exits with status 2 and its usage on a bad command)."
     parser = _parser()
@@ -220,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import FastlearnError, TrainingInterrupted
     try:
         return {"recipes": lambda: _recipes(args.name), "train": lambda: _train(args), "lr-find": lambda: _lr_find(args),
-                "doctor": lambda: _doctor(args), "search": lambda: _search(args)}[args.cmd]()
+                "doctor": lambda: _doctor(args), "search": lambda: _search(args),
+                "predict": lambda: _predict(args), "export": lambda: _export(args)}[args.cmd]()
     except TrainingInterrupted as e:
         return _interrupted(args, e)
     except (FastlearnError, ValueError, FileNotFoundError, FileExistsError) as e:

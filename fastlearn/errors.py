@@ -3,7 +3,7 @@
 __all__ = ["FastlearnError", "DataError", "EmptyClassError", "SingleClassError", "CorruptImageError",
            "UnknownArchError", "RecipeError", "CheckpointError", "NonFiniteError", "LabelRangeError",
            "WeightsError", "MissingExtraError", "RecipeMismatchError", "RunLockedError", "DataChangedError",
-           "TrainingInterrupted"]
+           "TrainingInterrupted", "RunFolderError", "ExportError"]
 
 
 class FastlearnError(Exception):
@@ -108,3 +108,11 @@ class TrainingInterrupted(FastlearnError):
 
     def __str__(self) -> str:  # fastai rewrites args[0] of exceptions raised in callbacks; the fields stay
         return self.describe()
+
+
+class RunFolderError(FastlearnError, ValueError):
+    "A run folder is missing, unfinished (no model.json / model.safetensors) or inconsistent."
+
+
+class ExportError(FastlearnError, RuntimeError):
+    "Exporting a run's model failed, or the exported model disagrees with PyTorch."

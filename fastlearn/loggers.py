@@ -17,7 +17,6 @@ callback. So each tool gets a thin callback over its own writer: `SummaryWriter`
 from __future__ import annotations
 
 import difflib
-import importlib
 import json
 import os
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from fastai.callback.core import Callback
 
-from .errors import FastlearnError, RecipeError
+from .errors import MissingExtraError, RecipeError
 
 __all__ = ["LOGGERS", "logger_callbacks", "check_loggers", "check_logger_names", "EpochLogger", "TensorBoardLogger",
            "MLflowLogger", "WandbLogger", "MissingDependencyError"]
@@ -37,17 +36,13 @@ _NEEDS = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "mlflow": (
 _PROSE = ("description", "source", "expected")  # recipe text, not parameters
 
 
-class MissingDependencyError(FastlearnError, ImportError):
-    "An optional package a recipe asks for is not installed."
+MissingDependencyError = MissingExtraError  # the name this module used first; one error class for every extra
 
 
 def _require(module: str, extra: str, what: str):
     "Import optional `module`, or raise one line naming the fastlearn extra that installs it."
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise MissingDependencyError(f"{what} needs the {module.split('.')[-1]!r} package, which does not import "
-                                     f"({e}); install it with: pip install 'fastlearn[{extra}]'") from None
+    from ._optional import require
+    return require(module, extra, what)
 
 
 def check_logger_names(names, origin: str = "loggers") -> None:

@@ -467,6 +467,10 @@ def _write_outputs(learn, res: RunResult, trace: HyperTrace, log: MetricsLog) ->
     summary = {k: v for k, v in asdict(res).items() if k not in ("recipe", "run_dir")}
     (d / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     plot_run(trace.rows, log.rows, d)
+    from .run_folder import write_model_card  # issue 13: model.json, so the run folder is usable without the data
+    write_model_card(learn, d, res.recipe)
+    from .interpret import interpret_run  # issue 13: confusion_matrix.png, top_losses.png, per_class in summary.json
+    interpret_run(learn, d, res.recipe)
 
 
 def _epoch_end_steps(trace_rows: list[dict], epoch_rows: list[dict]) -> list[float]:

@@ -52,8 +52,8 @@ def dls():
 
 
 def write_image_folder(root, n_per_class: int = 16, classes=("a", "b", "c"), size: int = 32, valid: int = 4,
-                       seed: int = 0):
-    "A tiny train/ + valid/ folder of PNGs whose classes differ by colour (learnable in a few steps)."
+                       seed: int = 0, width: int | None = None):
+    "A tiny train/ + valid/ folder of PNGs (size x width, default square) whose classes differ by colour."
     from pathlib import Path
     from PIL import Image
     rng = np.random.default_rng(seed)
@@ -63,7 +63,7 @@ def write_image_folder(root, n_per_class: int = 16, classes=("a", "b", "c"), siz
             d = root / split / c
             d.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                a = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+                a = rng.integers(0, 60, (size, width or size, 3), dtype=np.uint8)
                 a[..., k % 3] += 160
                 Image.fromarray(a).save(d / f"{i}.png")
     return root
@@ -104,3 +104,17 @@ def write_csv_dataset(root, n: int = 48, multi_label: bool = False, size: int = 
         w.writerow(list(columns) + (["is_valid"] if is_valid else []))
         w.writerows(rows)
     return root / "labels.csv"
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A finished tiny run (timm test_resnet at 32 px, three colour classes, 40x52 images so the validation crop
+    matters): (learn, recipe, run_dir). Shared by the run-folder, predict, export and interpret tests."""
+    from fastlearn.training import learner_from_recipe, run_recipe
+    root = write_image_folder(tmp_path_factory.mktemp("run_imgs"), n_per_class=8, size=40, width=52)
+    learn, r = learner_from_recipe(root, "transfer", {"arch": "test_resnet", "pretrained": False, "size": 32, "bs": 8,
+                                                       "lr": 3e-3, "head_epochs": 1, "unfreeze_epochs": 0,
+                                                       "epochs": 1, "num_workers": 0}, progress=False)
+    run_dir = tmp_path_factory.mktemp("run") / "run"
+    run_recipe(learn, r, run_dir=run_dir)
+    return learn, r, run_dir
