@@ -12,12 +12,12 @@ its running statistics were collected on?). `decide` is the pure rule; `measure_
 from __future__ import annotations
 
 import math
+from collections import Counter
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from .features import BNShift as _BNShift, _features, _loader  # one implementation of the frozen-body pass
 from .precision import learner_device

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from fastlearn.cli import main
-from fastlearn.errors import ExportError
+
 from fastlearn.export import export_run
 from fastlearn.run_folder import load_run
 
