@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,6 +187,19 @@ def _write_csv(preds: list[Prediction], path: Path, topk: int) -> Path:
     return atomic_write(path, write)
 
 
+def _display_base(sources: list[str]) -> str | None:
+    """The folder the table shows image paths relative to: the parent of the images' deepest common folder (so
+    that folder's own name stays in every row), or None for a single image or paths with nothing in common."""
+    if len(sources) < 2:
+        return None
+    try:
+        common = os.path.commonpath([os.path.abspath(s) for s in sources])
+    except ValueError:  # different drives
+        return None
+    base = os.path.dirname(common)
+    return base if base not in ("", os.sep) else None
+
+
 def predict_main(run_dir: str | Path, images: Sequence[str], topk: int = 3, bs: int = 64, tta: bool = False,
                  csv_path: str | Path | None = None, device: str | None = None, max_rows: int = 20) -> int:
     "`fastlearn predict`: a table of the top-k classes per image; with `csv_path`, every prediction in a CSV file."
@@ -198,13 +212,15 @@ def predict_main(run_dir: str | Path, images: Sequence[str], topk: int = 3, bs: 
     how = [f"multi-label, threshold {run.card.get('threshold')}" if run.multi_label else "softmax"]
     if tta:
         how.append("TTA: " + " + ".join(tta_views(run.recipe)))
-    t = Table(title=f"{run.card['arch']} from {run_dir} ({', '.join(how)})")
-    t.add_column("image")
+    base = _display_base([p.source for p in shown])
+    where = f"; images under {base}" if base else ""
+    t = Table(title=f"{run.card['arch']} from {run_dir} ({', '.join(how)}){where}")
+    t.add_column("image", overflow="fold")
     t.add_column("prediction")
     for i in range(min(topk, len(run.classes))):
         t.add_column(f"top {i + 1}", justify="left")
     for p in shown:
-        t.add_row(p.source, " ".join(p.labels) or "-", *[f"{c} {v:.3f}" for c, v in p.top])
+        t.add_row(os.path.relpath(p.source, base) if base else p.source, " ".join(p.labels) or "-", *[f"{c} {v:.3f}" for c, v in p.top])
     c = console()
     c.print(t)
     if csv_path is not None:

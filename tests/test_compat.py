@@ -105,7 +105,8 @@ def test_fit_preset_on_own_learner_records_what_ran_and_takes_cbs(image_folder, 
     seen = Seen()
     with pytest.warns(LearnerRecipeWarning, match="opt: learner 'sgd', recipe 'adamw'"):
         res = learn.fit_preset("digits", run_dir=tmp_path / "run", cbs=[seen], strategy="linear_probe",
-                               head_epochs=1, epochs=1, lr=1e-3, lr_find=False)
+                               head_epochs=1, epochs=1, lr=1e-3, lr_find=False,
+                               head_features=False)  # the head on images: cbs see every stage (not a cached-feature head)
     ran = load_recipe(tmp_path / "run" / "recipe.toml")
     assert (ran.arch, ran.opt, ran.size, ran.bs) == ("test_resnet", "sgd", 32, 8)
     assert ran == res.recipe
