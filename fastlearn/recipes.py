@@ -60,6 +60,7 @@ class Recipe:
     lr_suggester: Literal["peak", "valley", "slide", "steep", "minimum"] = "valley"  # picks the LR off the sweep
     head_features: bool = True          # pretrained body: train the head on features computed once (LP-FT)
     head_steps: int = 300               # optimizer steps of the head on cached features
+    adapt_bn_shift: float | None = 0.45  # BN shift above which BN statistics are re-estimated before the head (AdaBN)
     ft_lr: float | None = None          # peak LR of the first fine-tuning stage (top group); None = from the head's
     ft_lr_factor: float = 0.5           # first fine-tuning stage's peak LR / the head's (when ft_lr is None)
     keep_best: bool = True              # end with the best stage end's weights (by validation metric, then loss)
@@ -142,7 +143,7 @@ class Recipe:
 _RANGES: dict[str, tuple[float | None, float | None, str]] = {
     # key: (low, high, kind) kind: "open" (low < v < high), "closed" (low <= v <= high), "low" (v > low), "ge"
     "size": (16, None, "ge"), "valid_size": (16, None, "ge"), "bs": (1, None, "ge"), "min_steps": (1, None, "ge"),
-    "head_steps": (1, None, "ge"), "ft_lr": (0, None, "low"), "ft_lr_factor": (0, None, "low"),
+    "head_steps": (1, None, "ge"), "adapt_bn_shift": (0, None, "ge"), "ft_lr": (0, None, "low"), "ft_lr_factor": (0, None, "low"),
     "valid_pct": (0, 1, "open"), "random_erasing": (0, 1, "closed"),
     "lr": (0, None, "low"), "lr_ratio": (1, None, "ge"), "head_epochs": (0, None, "ge"),
     "unfreeze_epochs": (0, None, "ge"), "epochs": (0, None, "ge"), "unfreeze_step": (1, None, "ge"),

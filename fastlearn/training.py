@@ -381,7 +381,7 @@ def _head_on_features(learn, r: Recipe, plot_dir, trace, log, stages: list, timi
     from .lr_finder import lr_find, plot_lr_find, suggest
     from .schedules import one_cycle_scheds
     ts = time.perf_counter()
-    feats = extract_features(learn, bs=max(32, r.bs or 32), seed=r.seed)
+    feats = extract_features(learn, bs=max(32, r.bs or 32), seed=r.seed, adapt_bn_above=r.adapt_bn_shift)
     timings["features"] = time.perf_counter() - ts
     n = len(feats.train_y)
     bs = feature_batch_size(n)
@@ -416,7 +416,9 @@ def _head_on_features(learn, r: Recipe, plot_dir, trace, log, stages: list, timi
         print(f"[head] on cached features: {n} train / {len(feats.valid_y)} valid images, {epochs} epochs x "
               f"{n // bs} steps at peak LR {peak:.2e}: valid_loss {valid_loss:.4f}{metric} "
               f"(features {timings['features']:.1f}s, sweep {timings.get('lr_find', 0):.1f}s, "
-              f"head {timings['head']:.1f}s)", flush=True)
+              f"head {timings['head']:.1f}s)" + (f"; BN statistics re-estimated on the training images first (BN "
+                                                 f"shift {feats.bn_shift:.2f} > {r.adapt_bn_shift:g})"
+                                                 if feats.bn_adapted else ""), flush=True)
     strategy, why = r.strategy, ""
     if strategy == "auto":
         from .strategy import decide, stats_from_features

@@ -47,3 +47,29 @@ def test_head_on_features_is_the_models_head(learner):
     loss_h, acc_h = hl.validate()
     loss_m, acc_m = learner.validate()          # the full model, images through the body, same head weights
     assert loss_m == pytest.approx(loss_h, rel=1e-4, abs=1e-5) and acc_m == pytest.approx(acc_h)
+
+
+def test_bn_statistics_re_estimated_only_above_the_shift_threshold(learner):
+    from fastlearn.features import _features, _loader
+    before = copy.deepcopy(learner.model.state_dict())
+    f = extract_features(learner, bs=8, adapt_bn_above=f_shift_plus_one(learner))
+    assert not f.bn_adapted and all(torch.equal(v, learner.model.state_dict()[k]) for k, v in before.items())
+    f = extract_features(learner, bs=8, adapt_bn_above=0.0)       # a random-init body: any shift is above 0
+    assert f.bn_adapted and f.bn_shift > 0
+    bns = [m for m in learner.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    first = bns[0]                                               # its running mean: the average input over the images
+    seen = []
+    h = first.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().mean((0, 2, 3)) * a[0].shape[0]))
+    learner.model.eval()
+    with torch.no_grad():
+        xs, _ = _features(learner.model, _loader(learner.dls, learner.dls.train_ds,
+                                                 list(range(len(learner.dls.train_ds))), 8))
+    h.remove()
+    mean = torch.stack(seen).sum(0) / len(learner.dls.train_ds)
+    assert torch.allclose(first.running_mean, mean, atol=1e-5)
+    assert torch.allclose(xs, f.train_x, atol=1e-5)              # the features are the adapted model's own
+    assert first.momentum == 0.1                                  # the BN momentum is restored
+
+
+def f_shift_plus_one(learner) -> float:
+    return extract_features(learner, bs=8).bn_shift + 1.0
