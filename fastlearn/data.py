@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from fastai.data.block import CategoryBlock, DataBlock
+from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
 from fastai.data.core import DataLoaders
-from fastai.data.transforms import Normalize
+from fastai.data.transforms import IntToFloatTensor, Normalize
 from fastai.torch_core import TensorImage, cast, default_device
 from fastai.vision.augment import Resize, aug_transforms
 from fastai.vision.core import PILImage
-from fastai.vision.data import ImageBlock
 from fasttransform import Transform
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -183,8 +182,11 @@ def check_image_folder(path: str | Path, bad_images: str = "error") -> FolderRep
 
 
 def default_num_workers() -> int:
-    "DataLoader workers for this machine: 0 on <=2 cores or macOS/Windows (spawn is slow), else min(8, cores-1)."
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """DataLoader workers for this machine: 0 on <=2 usable CPUs or macOS/Windows (spawn is slow), else
+    min(8, CPUs-1); usable CPUs are the affinity mask's, capped by the cgroup CPU quota (fastlearn.loader)."""
+    from .loader import read_cpu_max, usable_cpus
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cpus(affinity, read_cpu_max())
     if cores <= 2 or sys.platform in ("darwin", "win32"): return 0
     return min(8, cores - 1)
 
@@ -302,6 +304,8 @@ def image_dls(path: str | Path,
               random_erasing: float = 0.0,  # probability per training image
               rand_augment: str | None = None,  # timm RandAugment config on training items, e.g. "rand-m9-mstd0.5"
               report: FolderReport | None = None,  # `check_image_folder(path)`'s result, if already computed
+              cache_images: bool | str = "auto",  # decoded images in RAM: "auto" (when they fit), True, False
+              decode: str = "cpu",  # "cpu": Pillow in the workers; "cuda": nvJPEG on the device (JPEG files only)
               ) -> DataLoaders:
     "fastai DataLoaders for a folder of class subfolders, checked first by `check_image_folder`."
     if not 0 < valid_pct < 1: raise ValueError(f"valid_pct={valid_pct}; use a fraction in (0, 1), e.g. 0.2")
@@ -345,14 +349,25 @@ def image_dls(path: str | Path,
 
     workers = default_num_workers() if num_workers is None else num_workers
     target = torch.device(device) if device is not None else default_device()
-    block = DataBlock(blocks=(ImageBlock, CategoryBlock), get_items=lambda _: list(report.files), get_y=label,
+    # --- loader (fastlearn/loader.py): decode once at the size the run needs, workers that live for the run ---
+    from .loader import ImageDecoder, PersistentDL, image_cache_for, gpu_decode_block
+    extra = {}
+    if decode != "cpu":  # the workers only read the files; decode, resize and crop run on the device
+        images, item_tfms, extra = gpu_decode_block(decode, target, (item_size or size) if augment else size,
+                                                      rand_augment)
+        cache = None
+    else:
+        cache = image_cache_for(report.files, item_size or size, cache_images)
+        images = TransformBlock(type_tfms=ImageDecoder(item_size or size, cache), batch_tfms=IntToFloatTensor)
+    # --- end loader ---
+    block = DataBlock(blocks=(images, CategoryBlock), get_items=lambda _: list(report.files), get_y=label,
                       splitter=splitter, item_tfms=item_tfms, batch_tfms=batch_tfms)
-    # no persistent_workers: fastai's DataLoader builds a new torch iterator each epoch, so its workers are
-    # forked again every epoch whatever that flag says (counted: 2 workers, 3 epochs, 6 process starts)
     dls = block.dataloaders(report.root, path=report.root, bs=bs, device=device, num_workers=workers,
-                            pin_memory=target.type == "cuda")
+                            pin_memory=target.type == "cuda", dl_type=PersistentDL, persistent=True,
+                            image_cache=cache, **extra)
     # fastai seeds each DataLoader's shuffle rng from the global `random`; seed it so the order follows `seed`
     dls.train.rng = random.Random(seed)
     dls.folder_report = report
+    dls.image_cache = cache  # None when off
     return dls
 
