@@ -36,7 +36,7 @@ from fastai.torch_core import set_num_threads, set_seed, to_device
 from fasttransform import Transform
 from PIL import Image
 
-__all__ = ["PersistentDL", "ImageDecoder", "DECODERS", "check_decode", "ReadEncoded", "GpuDecode", "decode_jpegs_on",
+__all__ = ["PersistentDL", "ImageDecoder", "DECODERS", "check_decode", "EncodedImages", "ReadEncoded", "GpuDecode", "decode_jpegs_on",
            "collate_encoded", "gpu_decode_block", "ImageCache", "image_cache_for", "decode_image", "cache_budget", "usable_cpus",
            "cpu_quota", "read_cpu_max", "memory_limit", "estimate_cache_bytes"]
 
@@ -257,29 +257,35 @@ def check_decode(decode: str, device=None) -> None:
                              f"use decode='cpu' (the default)")
 
 
-class EncodedImage:
-    "An image file's bytes (uint8 CPU tensor): not a tensor itself, so collation and device copies leave it as is."
-    __slots__ = ("data",)
+class EncodedImages:
+    """Encoded image files, their bytes end to end in one uint8 CPU tensor (`sizes`: bytes of each): one item, or a
+    batch of them. Not a tensor, so fastai's collation and device copies leave it alone; a batch crosses from the
+    worker in one shared-memory block."""
+    __slots__ = ("data", "sizes")
 
-    def __init__(self, data: torch.Tensor):
-        self.data = data
+    def __init__(self, data: torch.Tensor, sizes: list[int]):
+        self.data, self.sizes = data, sizes
+
+    def split(self) -> list[torch.Tensor]:
+        return list(torch.split(self.data, self.sizes))
 
 
 class ReadEncoded(Transform):
     "Type transform for GPU decoding: an image file to its bytes (the worker only reads the file)."
 
-    def encodes(self, fn: Path | str) -> EncodedImage:
-        from torchvision.io import read_file
-        return EncodedImage(read_file(str(fn)))
+    def encodes(self, fn: Path | str) -> EncodedImages:
+        b = Path(fn).read_bytes()
+        return EncodedImages(torch.frombuffer(bytearray(b), dtype=torch.uint8), [len(b)])
 
 
 def collate_encoded(samples):
-    "fastai's collation, except that a batch of `EncodedImage` stays a list (the images differ in size)."
+    "fastai's collation, except that the `EncodedImages` of a batch are joined into one (the images differ in size)."
     from fastai.data.load import fa_collate
     first = samples[0]
-    if isinstance(first, tuple) and any(isinstance(o, EncodedImage) for o in first):
+    if isinstance(first, tuple) and any(isinstance(o, EncodedImages) for o in first):
         cols = list(zip(*samples))
-        return tuple(list(c) if isinstance(c[0], EncodedImage) else fa_collate(c) for c in cols)
+        return tuple(EncodedImages(torch.cat([o.data for o in c]), [n for o in c for n in o.sizes])
+                     if isinstance(c[0], EncodedImages) else fa_collate(c) for c in cols)
     return fa_collate(samples)
 
 
@@ -306,7 +312,7 @@ def decode_jpegs_on(encoded: Sequence[torch.Tensor], size: int, device, random_c
 
 
 class GpuDecode(Transform):
-    """Batch transform (first in `after_batch`): a list of `EncodedImage` decoded on the loader's CUDA device into
+    """Batch transform (first in `after_batch`): a batch of `EncodedImages` decoded on the loader's CUDA device into
     fastai's `TensorImage` uint8 batch at `size` (random crop on train, centre crop on valid, as fastai's `Resize`)."""
     order = 0  # before IntToFloatTensor (10) and the batch augmentation
 
@@ -317,12 +323,10 @@ class GpuDecode(Transform):
     def setups(self, dl):
         self.device = dl.device
 
-    def encodes(self, b: list):
+    def encodes(self, b: EncodedImages):
         from fastai.torch_core import TensorImage
-        if not b or not isinstance(b[0], EncodedImage):
-            return b
         dev = getattr(self, "device", None) or torch.device("cuda")
-        return TensorImage(decode_jpegs_on([e.data for e in b], self.size, dev, random_crop=self._train))
+        return TensorImage(decode_jpegs_on(b.split(), self.size, dev, random_crop=self._train))
 
     def __call__(self, b, split_idx=None, **kwargs):
         self._train = split_idx == 0  # the pipeline's split: 0 is the training loader

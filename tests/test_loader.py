@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from fastlearn.data import image_dls
-from fastlearn.loader import (EncodedImage, PersistentDL, ReadEncoded, cache_budget, check_decode, collate_encoded,
+from fastlearn.loader import (EncodedImages, PersistentDL, ReadEncoded, cache_budget, check_decode, collate_encoded,
                               cpu_quota, decode_image, decode_jpegs_on, image_cache_for, usable_cpus)
 from fastlearn.recipes import Recipe
 
@@ -106,14 +106,32 @@ def test_gpu_decode_is_a_recipe_switch_that_needs_cuda(image_folder):
             image_dls(image_folder, size=24, bs=8, num_workers=0, decode="cuda")
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_gpu_decode_pipeline_runs_with_the_cpu_decoder(tmp_path, monkeypatch, workers):
+    "image_dls(decode='cuda') end to end, nvJPEG's place taken by torchvision's CPU decoder (no CUDA here)."
+    import fastlearn.loader as loader
+    for split in ("train", "valid"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(6):
+                _jpeg(tmp_path / split / c / f"{i}.jpg", w=100 + 4 * i, h=80, seed=i)
+    monkeypatch.setattr(loader, "check_decode", lambda *a, **k: None)
+    dls = image_dls(tmp_path, size=32, bs=4, num_workers=workers, device="cpu", decode="cuda")
+    for dl in (dls.train, dls.valid):
+        x, y = next(iter(dl))
+        assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and len(y) == 4
+    dls.train.close()
+
+
 def test_gpu_decode_pieces_on_the_cpu(tmp_path):
     "The bytes reader, the collation and the batched decode + resize + crop (run here with the CPU decoder)."
     files = [_jpeg(tmp_path / f"{i}.jpg", w=120 + 8 * i, h=80, seed=i) for i in range(3)]
     enc = [ReadEncoded()(f) for f in files]
-    assert all(isinstance(e, EncodedImage) and e.data.dtype == torch.uint8 for e in enc)
+    assert all(isinstance(e, EncodedImages) and e.data.dtype == torch.uint8 for e in enc)
     xb, yb = collate_encoded([(e, torch.tensor(i)) for i, e in enumerate(enc)])
-    assert isinstance(xb, list) and torch.equal(yb, torch.arange(3))
-    out = decode_jpegs_on([e.data for e in xb], 32, "cpu")
+    assert isinstance(xb, EncodedImages) and xb.sizes == [f.stat().st_size for f in files]
+    assert torch.equal(yb, torch.arange(3))
+    out = decode_jpegs_on(xb.split(), 32, "cpu")
     assert out.shape == (3, 3, 32, 32) and out.dtype == torch.uint8
     ref = np.asarray(decode_image(files[0], 32))  # Pillow's decode at the same size, centre crop
     top, left = (ref.shape[0] - 32) // 2, (ref.shape[1] - 32) // 2
