@@ -39,7 +39,8 @@ __all__ = ["atomic_write", "save_weights", "load_weights", "load_learner", "Chec
 CKPT_DIR = "checkpoints"
 _NAME = re.compile(r"^ckpt-(\d+)\.(pt|safetensors)$")
 # recipe keys that do not change what a run computes: a resumed run may change them
-_BOOKKEEPING = ("description", "source", "expected", "checkpoint_every", "keep_last")
+_BOOKKEEPING = ("description", "source", "expected", "checkpoint_every", "keep_last", "cache_images",
+                "deterministic")  # kernel choice only: a fast run may be resumed deterministically and back
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:

@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from fastai.data.block import CategoryBlock, DataBlock
+from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
 from fastai.data.core import DataLoaders
-from fastai.data.transforms import Normalize
+from fastai.data.transforms import IntToFloatTensor, Normalize
 from fastai.torch_core import TensorImage, cast, default_device
 from fastai.vision.augment import Resize, aug_transforms
 from fastai.vision.core import PILImage
-from fastai.vision.data import ImageBlock
 from fasttransform import Transform
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -183,8 +182,11 @@ def check_image_folder(path: str | Path, bad_images: str = "error") -> FolderRep
 
 
 def default_num_workers() -> int:
-    "DataLoader workers for this machine: 0 on <=2 cores or macOS/Windows (spawn is slow), else min(8, cores-1)."
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """DataLoader workers for this machine: 0 on <=2 usable CPUs or macOS/Windows (spawn is slow), else
+    min(8, CPUs-1); usable CPUs are the affinity mask's, capped by the cgroup CPU quota (fastlearn.loader)."""
+    from .loader import read_cpu_max, usable_cpus
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cpus(affinity, read_cpu_max())
     if cores <= 2 or sys.platform in ("darwin", "win32"): return 0
     return min(8, cores - 1)
 
@@ -304,6 +306,8 @@ def image_dls(path: str | Path,
               report=None,  # `check_image_folder(path)`'s (or `labels.label_report`'s) result, if already computed
               multi_label: bool = False,  # CSV only: space-separated labels per image (fastlearn/labels.py)
               threshold: float = 0.5,  # multi-label: sigmoid threshold of a predicted class
+              cache_images: bool | str = "auto",  # decoded images in RAM: "auto" (when they fit), True, False
+              decode: str = "cpu",  # "cpu": Pillow in the workers; "cuda": nvJPEG on the device (JPEG files only)
               **csv_args,  # CSV only: fn_col, label_col, valid_col, folder (see fastlearn.labels.check_csv)
               ) -> DataLoaders:
     """fastai DataLoaders for a folder of class subfolders (checked first by `check_image_folder`), or for a
@@ -355,16 +359,27 @@ def image_dls(path: str | Path,
 
     workers = default_num_workers() if num_workers is None else num_workers
     target = torch.device(device) if device is not None else default_device()
-    block = DataBlock(blocks=(ImageBlock, y_block), get_items=lambda _: list(report.files), get_y=label,
+    # --- loader (fastlearn/loader.py): decode once at the size the run needs, workers that live for the run ---
+    from .loader import ImageDecoder, PersistentDL, image_cache_for, gpu_decode_block
+    extra = {}
+    if decode != "cpu":  # the workers only read the files; decode, resize and crop run on the device
+        images, item_tfms, extra = gpu_decode_block(decode, target, (item_size or size) if augment else size,
+                                                      rand_augment)
+        cache = None
+    else:
+        cache = image_cache_for(report.files, item_size or size, cache_images)
+        images = TransformBlock(type_tfms=ImageDecoder(item_size or size, cache), batch_tfms=IntToFloatTensor)
+    # --- end loader ---
+    block = DataBlock(blocks=(images, y_block), get_items=lambda _: list(report.files), get_y=label,
                       splitter=splitter, item_tfms=item_tfms, batch_tfms=batch_tfms)
-    # no persistent_workers: fastai's DataLoader builds a new torch iterator each epoch, so its workers are
-    # forked again every epoch whatever that flag says (counted: 2 workers, 3 epochs, 6 process starts)
     dls = block.dataloaders(report.root, path=report.root, bs=bs, device=device, num_workers=workers,
-                            pin_memory=target.type == "cuda")
+                            pin_memory=target.type == "cuda", dl_type=PersistentDL, persistent=True,
+                            image_cache=cache, **extra)
     # fastai seeds each DataLoader's shuffle rng from the global `random`; seed it so the order follows `seed`
     dls.train.rng = random.Random(seed)
     dls.folder_report = report
     set_label_info(dls, multi_label, threshold)
+    dls.image_cache = cache  # None when off
     return dls
 
 

@@ -15,11 +15,11 @@ import torch
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import ParamScheduler
 from fastai.data.core import DataLoaders
-from fastai.learner import Learner
 from fastai.metrics import accuracy
 from fastai.vision.augment import Normalize
 
 from .labels import is_multi_label, label_info, multi_label_metrics
+from .hotpath import LeanLearner
 from .losses import make_loss
 from .lr_finder import LRFindResult, lr_find
 from .optim import GroupMap, opt_func as make_opt_func, split_decay
@@ -29,8 +29,9 @@ from .schedules import layer_lrs, one_cycle_scheds
 __all__ = ["TransferLearner", "transfer_learner", "ensure_normalized"]
 
 
-class TransferLearner(Learner):
-    "A fastai Learner over a timm model whose optimizer groups map onto the model's layer groups."
+class TransferLearner(LeanLearner):
+    """A fastai Learner over a timm model whose optimizer groups map onto the model's layer groups (a
+    `LeanLearner`: fastai's loop without its fixed per-step costs, fastlearn/hotpath.py)."""
 
     def __init__(self, dls, model, *, arch: str, group_map: GroupMap, weight_decay: float = 0.01, **kwargs):
         super().__init__(dls, model, wd=np.array(group_map.wd(weight_decay)), **kwargs)

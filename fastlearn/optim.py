@@ -6,13 +6,16 @@ and `OptimWrapper` still receives fastai's per-group LR and momentum/beta1 sched
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Sequence
+from typing import Callable
 
+import numpy as np
 import torch
 from fastai.optimizer import OptimWrapper
+from fastcore.foundation import L
 from torch import nn
 
-__all__ = ["OPTIMIZERS", "opt_func", "OptFunc", "split_decay", "GroupMap"]
+__all__ = ["OPTIMIZERS", "opt_func", "OptFunc", "split_decay", "GroupMap", "LeanOptimWrapper"]
 
 OPTIMIZERS: dict[str, tuple[type, dict]] = {
     "adamw": (torch.optim.AdamW, {}),
@@ -24,9 +27,11 @@ OPTIMIZERS: dict[str, tuple[type, dict]] = {
 
 
 def _kernel_kwargs(cls: type, device: torch.device | None) -> dict:
-    "fused on CUDA where the optimizer has it, foreach otherwise (both are torch's own kernels)."
-    on_cuda = device is not None and device.type == "cuda"
-    if on_cuda and cls in (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD):
+    """fused where the optimizer has a fused kernel for the device, foreach otherwise (both are torch's own
+    kernels). torch 2.4+ has fused Adam/AdamW/SGD on CPU too: one kernel per param group instead of ~10 foreach
+    passes; on a small model with 12 param groups the AdamW step took 1.4 ms fused vs 4.5 ms foreach (bench/overhead.py)."""
+    dev = (device or torch.device("cpu")).type
+    if dev in ("cuda", "cpu") and cls in (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD):
         return {"fused": True}
     return {"foreach": True}
 
@@ -44,6 +49,86 @@ def opt_func(name: str = "adamw", lookahead: bool = False, device: torch.device 
     return OptFunc(name, {**extra, **(_kernel_kwargs(cls, device) if kernels else {"foreach": False})}, lookahead)
 
 
+class _Hypers(Sequence):
+    "fastai's `hypers` list (one dict per param group), each group's dict built when it is read."
+
+    def __init__(self, wrapper: "LeanOptimWrapper"):
+        self._w, self._groups = wrapper, wrapper.opt.param_groups
+
+    def __len__(self):
+        return len(self._groups)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._w._group_hypers(pg) for pg in self._groups[i]]
+        return self._w._group_hypers(self._groups[i])
+
+    def __eq__(self, other):
+        return isinstance(other, (Sequence, L)) and list(self) == list(other)
+
+    def __repr__(self):
+        return repr(list(self))
+
+    def __reduce__(self):  # copies and pickles are plain lists of dicts, as fastai's
+        return list, (list(self),)
+
+
+class LeanOptimWrapper(OptimWrapper):
+    """fastai's `OptimWrapper` with its per-step hyper-parameter reads (`hypers`) and writes (`set_hyper`) done
+    in plain loops: fastai rebuilds every group's dict through fastcore helpers several times per step
+    (Recorder and ParamScheduler read only the last group's). Same keys, same values, same objects stored in
+    the param groups; a group's dict is built when it is read."""
+
+    @property
+    def hypers(self):
+        return _Hypers(self)
+
+    def _group_hypers(self, pg: dict) -> dict:
+        "fastai's hyper-parameter dict of one param group (`detuplify_pg`, then the names mapped to fastai's)."
+        fwd, h = self.fwd_map, {}
+        for k, v in pg.items():
+            if k == "params":
+                continue
+            if isinstance(v, (tuple, list, L)):  # betas -> betas__0 (mom), betas__1 (sqr_mom)
+                for i, v_ in enumerate(v):
+                    h[fwd.get(f"{k}__{i}", f"{k}__{i}")] = v_
+            else:
+                h[fwd.get(k, k)] = v
+        return h
+
+    def hyper(self, k: str) -> list:
+        "Hyper-parameter `k` (fastai's name, e.g. 'lr', 'mom') of every param group; [] when the optimizer has none."
+        name = self.bwd_map.get(k, k)
+        base, _, idx = name.partition("__")
+        groups = self.opt.param_groups
+        if not groups or base not in groups[0]:
+            return []
+        return [pg[base][int(idx)] for pg in groups] if idx else [pg[base] for pg in groups]
+
+    def set_hyper(self, k, v):
+        groups = self.opt.param_groups
+        if isinstance(v, (float, int, np.floating, np.integer)) and not isinstance(v, bool):
+            vs = [v] * len(groups)
+        elif isinstance(v, (list, tuple)) or (isinstance(v, np.ndarray) and v.ndim == 1):
+            vs = list(v)
+            if len(vs) == 1:
+                vs = vs * len(groups)
+        else:  # slices, tensors, anything else: fastai's own conversion
+            return super().set_hyper(k, v)
+        if len(vs) != len(groups):
+            raise AssertionError(f"Trying to set {len(vs)} values for {k} but there are {len(groups)} parameter groups.")
+        name = self.bwd_map[k]
+        if "__" not in name:
+            for pg, v_ in zip(groups, vs):
+                pg[name] = v_
+        else:  # a tuple entry, e.g. Adam's betas[0] for 'mom' (fastai's set_item_pg)
+            base, idx = name.split("__")
+            i = int(idx)
+            for pg, v_ in zip(groups, vs):
+                old = pg[base]
+                pg[base] = tuple(v_ if j == i else old[j] for j in range(len(old)))
+
+
 class OptFunc:
     "A picklable fastai `opt_func` (so `Learner.export` works): torch optimizer `name` in `OptimWrapper`."
 
@@ -52,10 +137,10 @@ class OptFunc:
         self.__name__ = f"{name}{'+lookahead' if lookahead else ''}"
 
     def __call__(self, params, lr, **kwargs):
-        wrapper = OptimWrapper(params, OPTIMIZERS[self.name][0], lr=lr, **self.kw, **kwargs)
+        wrapper = LeanOptimWrapper(params, OPTIMIZERS[self.name][0], lr=lr, **self.kw, **kwargs)
         if self.lookahead:
             from timm.optim import Lookahead
-            wrapper = OptimWrapper(opt=Lookahead(wrapper.opt))
+            wrapper = LeanOptimWrapper(opt=Lookahead(wrapper.opt))
         return wrapper
 
 

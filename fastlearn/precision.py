@@ -11,6 +11,7 @@ report skipped steps; `SkippedSteps` counts them and says so once per fit.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Literal
 
@@ -20,6 +21,7 @@ from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 
 __all__ = ["choose_precision", "set_tf32", "amp_callbacks", "precision_callbacks", "speed_callbacks",
+           "resolve_deterministic", "set_deterministic", "seed_and_mode", "Determinism",
            "SkippedSteps", "LossScaleState", "TF32", "use_channels_last", "ChannelsLastBatch", "CompileAfterUnfreeze",
            "trainable_layer_groups", "learner_device"]
 
@@ -175,6 +177,51 @@ def precision_callbacks(learn, recipe) -> list[Callback]:
     return ([TF32()] if dev.type == "cuda" and prec == "fp32" else []) + amp_callbacks(prec)
 
 
+# -- deterministic or fast ----------------------------------------------------------------------
+
+def resolve_deterministic(value: bool | None, device=None) -> bool:
+    """The recipe's `deterministic` on `device` (None: CUDA when available): its value when set; None (auto) is on
+    for CPU, where it costs nothing, and off on CUDA, where cuDNN's autotuned kernels are much faster."""
+    if value is not None:
+        return bool(value)
+    return _as_device(device).type != "cuda"
+
+
+def set_deterministic(on: bool) -> None:
+    """Process-wide switch, like fastai's `set_seed(reproducible=True)`, which it replaces.
+
+    on: cuDNN picks deterministic kernels without autotuning, and torch uses deterministic algorithms where it
+    has them (warning where it does not: warn_only); with the RNGs in checkpoints a resumed run is bitwise the
+    uninterrupted one. off: cuDNN benchmarks the kernels for each input shape once and keeps the fastest
+    (nondeterministic atomics allowed), so reruns agree only up to float rounding and a resume is not bitwise."""
+    on = bool(on)
+    if on and torch.cuda.is_available():  # cuBLAS needs a fixed workspace to be deterministic (CUDA >= 10.2)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = not on
+    torch.use_deterministic_algorithms(on, warn_only=True)
+
+
+def seed_and_mode(seed: int, deterministic: bool | None, device=None) -> bool:
+    "fastai's `set_seed(seed)` and `set_deterministic(resolve_deterministic(...))`; returns the mode (True: deterministic)."
+    from fastai.torch_core import set_seed
+    set_seed(seed)
+    on = resolve_deterministic(deterministic, device)
+    set_deterministic(on)
+    return on
+
+
+class Determinism(Callback):
+    "Applies the recipe's `deterministic` (resolved on the learner's device) at the start of each fit."
+    order = -5
+
+    def __init__(self, deterministic: bool | None = None):
+        self.deterministic = deterministic
+
+    def before_fit(self):
+        set_deterministic(resolve_deterministic(self.deterministic, learner_device(self.learn)))
+
+
 # -- channels_last -------------------------------------------------------------------------------
 
 def use_channels_last(recipe_value: bool | None, model: torch.nn.Module, device) -> bool:
@@ -249,7 +296,7 @@ def learner_device(learn) -> torch.device:
 
 def speed_callbacks(learn, recipe) -> list[Callback]:
     "The callbacks for a recipe's `precision`, `channels_last` and `compile` on this learner's device."
-    cbs = precision_callbacks(learn, recipe)
+    cbs = precision_callbacks(learn, recipe) + [Determinism(getattr(recipe, "deterministic", None))]
     if use_channels_last(recipe.channels_last, learn.model, learner_device(learn)):
         cbs.append(ChannelsLastBatch())
     if recipe.compile:

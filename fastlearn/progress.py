@@ -51,6 +51,7 @@ class EpochProgress(Callback):
     "Live batch progress (terminal only) and one line per finished epoch (always)."
     order = 65            # after Recorder (50) has appended the epoch's values
     quiet_in_lr_find = True
+    _t_loss = float("-inf")  # when the live bar last showed the loss
 
     def __init__(self, live: bool | None = None, stream: IO | None = None):
         self.stream = stream
@@ -85,6 +86,11 @@ class EpochProgress(Callback):
 
     def after_batch(self):
         if self._in_fit and self._progress is not None and self.training:
+            now = time.perf_counter()
+            if now - self._t_loss < 0.5:  # reading the loss waits for the device: twice a second is enough
+                self._progress.update(self._task, advance=1)
+                return
+            self._t_loss = now
             self._progress.update(self._task, advance=1, loss=f"{float(self.learn.smooth_loss):.4f}")
 
     def after_epoch(self):

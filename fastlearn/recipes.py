@@ -107,6 +107,9 @@ class Recipe:
     compile: bool = False               # torch.compile after the last unfreeze
     sync_bn: bool = False               # SyncBatchNorm when distributed
     num_workers: int | None = None      # DataLoader worker processes (None = data.default_num_workers())
+    cache_images: bool | Literal["auto"] = "auto"  # decoded images in RAM ("auto": when they fit in min(2 GB, 25% RAM))
+    decode: Literal["cpu", "cuda"] = "cpu"  # JPEG decoding: Pillow in the workers, or nvJPEG on the GPU (needs CUDA)
+    deterministic: bool | None = None   # None = auto: on for CPU (bitwise-exact resume), off on CUDA (cuDNN autotuner)
     # -- run bookkeeping
     checkpoint_every: int = 1           # epochs between checkpoints (0 = only at the end)
     keep_last: int = 2                  # checkpoints kept besides the best

@@ -42,20 +42,53 @@ class RunResult:
 
 
 class HyperTrace(Callback):
-    "Records every optimizer group's LR and momentum/beta1 at each training step (what the optimizer used)."
+    """Records every optimizer group's LR and momentum/beta1 at each training step (what the optimizer used), and
+    the step's loss. The losses stay device tensors until `rows` is read (at the end of each epoch, or by a
+    checkpoint), then come over in one transfer: no step waits for the device."""
     order = 70
 
     def __init__(self):
-        self.rows: list[dict] = []
+        self._rows: list[dict] = []
+        self._pending: list[tuple[dict, object]] = []  # (row, its loss as a detached tensor) not yet read
         self.stage = ""
+
+    @property
+    def rows(self) -> list[dict]:
+        self._flush()
+        return self._rows
+
+    @rows.setter
+    def rows(self, value: list[dict]):
+        self._rows, self._pending = value, []
+
+    def _flush(self) -> None:
+        "Write the pending losses into their rows, read from the device in one transfer."
+        if self._pending:
+            losses = [t for _, t in self._pending]
+            if len({(t.device, t.dtype) for t in losses}) == 1:
+                import torch
+                vals = torch.stack(losses).tolist()
+            else:
+                vals = [float(t) for t in losses]
+            for (row, _), v in zip(self._pending, vals):
+                row["loss"] = v
+            self._pending = []
 
     def after_batch(self):
         if not self.training or len(self.yb) == 0:
             return
-        hs = self.opt.hypers
-        self.rows.append({"step": len(self.rows), "stage": self.stage,
-                          "lr": [float(h["lr"]) for h in hs], "mom": [float(h["mom"]) for h in hs if "mom" in h],
-                          "loss": float(self.learn.loss.detach())})
+        if hasattr(self.opt, "hyper"):  # fastlearn's optimizers read one hyper-parameter without the others
+            lr, mom = self.opt.hyper("lr"), self.opt.hyper("mom")
+        else:
+            hs = self.opt.hypers
+            lr, mom = [h["lr"] for h in hs], [h["mom"] for h in hs if "mom" in h]
+        row = {"step": len(self._rows), "stage": self.stage, "lr": [float(v) for v in lr],
+               "mom": [float(v) for v in mom], "loss": None}
+        self._rows.append(row)
+        self._pending.append((row, self.learn.loss.detach()))
+
+    def after_epoch(self):
+        self._flush()
 
 
 class MetricsLog(Callback):
@@ -526,7 +559,6 @@ def learner_from_recipe(data: str | Path, recipe="transfer", overrides: dict | l
     Everything is validated before any compute: the recipe, the data folder, the architecture name
     and the number of classes against the head.
     """
-    from fastai.torch_core import set_seed
     from .data import image_dls
     from .labels import label_args
     from .learner import transfer_learner
@@ -538,8 +570,11 @@ def learner_from_recipe(data: str | Path, recipe="transfer", overrides: dict | l
     from .loggers import check_loggers
     check_loggers(r.loggers)  # a logger's missing package fails here, before the data is read
     choose_precision(r.precision, None)  # a bf16/fp16 recipe on a CPU fails here, before the data is read
+    from .loader import check_decode
+    check_decode(r.decode)  # decode="cuda" without CUDA fails here too
     path = sample(str(data)) if is_sample_name(str(data)) and not Path(data).exists() else Path(data)
-    set_seed(r.seed, reproducible=True)
+    from .precision import seed_and_mode
+    seed_and_mode(r.seed, r.deterministic)  # fastai's set_seed, then the deterministic/fast switch (precision.py)
     report = None
     if r.bs is None:  # schedules sized in steps: the batch size follows the number of training images
         from .budget import batch_size_for
@@ -550,7 +585,8 @@ def learner_from_recipe(data: str | Path, recipe="transfer", overrides: dict | l
     dls = image_dls(path, size=max(r.size, r.valid_size or r.size), bs=r.bs, valid_pct=r.valid_pct, seed=r.seed,
                     report=report,
                     arch=r.arch, augment=r.augment, flip=r.flip, bad_images=r.bad_images, random_erasing=r.random_erasing,
-                    rand_augment=r.rand_augment, num_workers=r.num_workers, **label_args(r))
+                    rand_augment=r.rand_augment, num_workers=r.num_workers, cache_images=r.cache_images,
+                    decode=r.decode, **label_args(r))
     learn = transfer_learner(dls, r.arch, pretrained=r.pretrained, opt=r.opt, lookahead=r.lookahead, wd=r.wd,
                              wd_norm_bias=r.wd_norm_bias, label_smoothing=r.label_smoothing,
                              drop_rate=r.drop_rate, drop_path=r.drop_path, progress=progress,

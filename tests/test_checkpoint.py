@@ -157,6 +157,22 @@ def _resume_matches(run_dir, ref):
     assert (res.run_dir / "trace.csv").read_text() == ref[1]
 
 
+def test_fast_mode_resumes_and_ends_where_the_uninterrupted_run_does(tmp_path, reference):
+    "deterministic=false (cuDNN autotuner on CUDA): a resume is not promised bitwise, only the same run, finished."
+    fast = Recipe(**SMALL, deterministic=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(_interrupted(6), fast, run_dir=tmp_path, checkpoint_steps=3)
+    assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+    res = run_recipe(_learner(), fast, run_dir=tmp_path, resume=True, checkpoint_steps=3)
+    got, want = _weights(res.run_dir / "model.safetensors"), reference[0]
+    assert got.keys() == want.keys()
+    assert all(torch.allclose(got[k].float(), want[k].float(), atol=1e-4) for k in got)
+    trace = (res.run_dir / "trace.csv").read_text().splitlines()
+    assert len(trace) == len(reference[1].splitlines())  # every step, once
+    run_recipe(_learner(), Recipe(**SMALL), run_dir=tmp_path / "again")  # the CPU default puts the mode back
+    assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+
+
 def _interrupted(step):
     "A learner whose run crashes after `step` training batches."
     learn = _learner()

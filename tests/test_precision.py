@@ -240,13 +240,14 @@ def test_compile_after_unfreeze_inductor():
 
 def test_speed_callbacks_from_recipe_on_cpu():
     learn = transfer_learner(synthetic_dls(), "test_resnet", pretrained=False, progress=False)
-    assert speed_callbacks(learn, load_recipe("transfer", {"precision": "auto"})) == []
+    from fastlearn.precision import Determinism
+    assert [type(c) for c in speed_callbacks(learn, load_recipe("transfer", {"precision": "auto"}))] == [Determinism]
     cbs = speed_callbacks(learn, load_recipe("transfer", {"channels_last": True, "compile": True,
                                                           "strategy": "linear_probe"}))
-    assert [type(c) for c in cbs] == [ChannelsLastBatch, CompileAfterUnfreeze]
-    assert cbs[1].final_trainable == 1                        # linear probe: the only stage is the head
+    assert [type(c) for c in cbs] == [Determinism, ChannelsLastBatch, CompileAfterUnfreeze]
+    assert cbs[2].final_trainable == 1                        # linear probe: the only stage is the head
     cbs = speed_callbacks(learn, load_recipe("transfer", {"compile": True, "strategy": "full"}))
-    assert cbs[0].final_trainable == learn.n_layer_groups
+    assert cbs[-1].final_trainable == learn.n_layer_groups
 
 
 @pytest.mark.parametrize("precision", [pytest.param(p, marks=needs_cuda) for p in ("bf16", "fp16")])
@@ -274,3 +275,55 @@ def test_mixed_precision_training_on_cuda(precision):
     learn.fit_stage(1, 1e-3, cbs=cbs)
     assert all(torch.isfinite(p).all() for p in learn.model.parameters())
     assert next(learn.model.parameters()).is_cuda
+
+
+# -- deterministic or fast ---------------------------------------------------------------------------------------
+
+def test_deterministic_auto_is_on_for_cpu_off_for_cuda():
+    from fastlearn.precision import resolve_deterministic
+    assert resolve_deterministic(None, "cpu") is True
+    assert resolve_deterministic(None, "cuda") is False
+    assert resolve_deterministic(True, "cuda") is True and resolve_deterministic(False, "cpu") is False
+
+
+def test_set_deterministic_switches_cudnn_and_torch_algorithms():
+    from fastlearn.precision import set_deterministic
+    try:
+        set_deterministic(False)
+        assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+        assert not torch.are_deterministic_algorithms_enabled()
+        set_deterministic(True)
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        set_deterministic(True)
+
+
+def test_deterministic_recipe_key_reaches_the_fit():
+    from fastlearn.precision import Determinism, speed_callbacks
+    from fastlearn.recipes import Recipe
+    with pytest.raises(ValueError, match="deterministic"):
+        Recipe(deterministic="yes")
+    learn = transfer_learner(synthetic_dls(), "test_resnet", pretrained=False, progress=False)
+    cbs = speed_callbacks(learn, Recipe(arch="test_resnet", deterministic=False))
+    assert [c.deterministic for c in cbs if isinstance(c, Determinism)] == [False]
+    try:
+        learn.fit(1, cbs=cbs)
+        assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+        learn.fit(1, cbs=speed_callbacks(learn, Recipe(arch="test_resnet")))  # auto on a CPU learner: on
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        from fastlearn.precision import set_deterministic
+        set_deterministic(True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU machine)")
+def test_deterministic_auto_on_cuda_turns_the_autotuner_on():
+    from fastlearn.precision import Determinism, set_deterministic
+    learn = transfer_learner(synthetic_dls(device="cuda"), "test_resnet", pretrained=False, progress=False)
+    try:
+        learn.fit(1, cbs=[Determinism(None)])
+        assert torch.backends.cudnn.benchmark
+    finally:
+        set_deterministic(True)
