@@ -147,6 +147,24 @@ def stage_plan(recipe: Recipe, n_groups: int, strategy: str) -> list[UnfreezeSta
     raise ValueError(f"unknown strategy {strategy!r}")
 
 
+def _record_finished_stage(stages: list, rows: list, st, plan, peak, ft_peak, n_groups: int, offer) -> None:
+    """A resume from a stage-end checkpoint (stopped after the checkpoint, before the stage was recorded): its row in
+    `stages`, from the metrics log, and its keep-best offer (the restored model is that stage's end), as the
+    uninterrupted run made them."""
+    name = _stage_name(st.n_trainable, n_groups)
+    if any(s["stage"] == name for s in stages):
+        return
+    mine = [row for row in rows if row["stage"] == name]
+    if not mine:
+        return
+    vals = {k: float(v) for k, v in mine[-1].items() if k not in ("stage", "epoch", "seconds")}
+    hi = peak * st.lr_mult if st.n_trainable == 1 else ft_peak * st.lr_mult / _first_ft_mult(plan)
+    stages.append({"stage": name, "trainable_groups": st.n_trainable, "epochs": len(mine), "peak_lr": hi, **vals,
+                   "seconds": round(sum(row.get("seconds", 0.0) for row in mine), 1)})
+    metrics = [k for k in vals if k not in ("train_loss", "valid_loss")]
+    offer(name, vals.get("valid_loss", float("nan")), vals[metrics[0]] if metrics else float("nan"))
+
+
 def use_feature_head(learn, r: Recipe, strategy: str) -> bool:
     "Whether the head stage trains on cached frozen-body features: pretrained weights and a plain linear head."
     if not (r.head_features and r.pretrained) or strategy == "scratch" or r.mixup or r.cutmix:
@@ -317,7 +335,10 @@ def _run_recipe(learn, r: Recipe, run_dir: Path, resume: bool = False, checkpoin
         if st.epochs == 0:
             continue
         if state is not None:  # the first stage run after a resume: skip finished stages, go on mid-stage
-            if i < state.stage or (i == state.stage and state.stage_done):
+            if i < state.stage:
+                continue
+            if i == state.stage and state.stage_done:
+                _record_finished_stage(stages, log.rows, st, plan, peak, ft_peak, learn.n_layer_groups, offer)
                 continue
             resume_cb = [ResumeAt(state) if i == state.stage else ResumeAt(state, epoch=0, stage_epochs=st.epochs)]
             epochs, state = st.epochs - resume_cb[0].epoch_offset, None

@@ -147,7 +147,7 @@ def test_valid_class_unknown_to_train(tmp_path):
 
 def test_train_without_valid_folder(tmp_path):
     _folder(tmp_path, split="train")
-    with pytest.raises(DataError, match="no valid/ or val/"):
+    with pytest.raises(DataError, match="no valid/, val/ or validation/"):
         check_image_folder(tmp_path)
 
 
