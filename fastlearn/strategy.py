@@ -1,8 +1,12 @@
 """The transfer 2x2 table made measurable: how much data, and how ImageNet-like it is, choose the strategy.
 
                       similar to ImageNet          different from ImageNet
-    small data        linear_probe                 full (gradual, discriminative LRs)
+    small data        fine_tune_top (*)            full (gradual, discriminative LRs)
     large data        fine_tune_top                full
+    (fewer than `tiny_per_class` images per class: linear_probe, whatever the similarity)
+
+(*) The classic cell is the frozen probe. fastlearn keeps the best validated weights (fastlearn.keep): the probe
+it trains first stays the floor and is kept unless fine-tuning the top groups beats it, so the cell fine-tunes.
 
 "Small" is images per class in the training split. "Similar" is measured with the frozen pretrained body
 (nothing is trained): a linear probe on its pooled features (can a linear classifier already separate the
@@ -89,10 +93,9 @@ def decide(stats: DatasetStats, thresholds: Thresholds = Thresholds()) -> tuple[
     if stats.images_per_class < t.tiny_per_class:
         return "linear_probe", (f"{size}, {why_sim} ({sim}); fewer than {t.tiny_per_class:g} images/class is too "
                                 f"few to tune the body -> linear_probe")
-    if similar:
-        strategy = "linear_probe" if small else "fine_tune_top"
-    else:
-        strategy = "full"
+    # small and similar: the classic advice is the frozen probe; with keep-best the probe stays the floor (the run
+    # keeps it unless fine-tuning beats it on validation), so the top groups are fine-tuned too
+    strategy = "fine_tune_top" if similar else "full"
     note = " (small and different: gradual unfreezing with low body LRs)" if small and not similar else ""
     return strategy, f"{size}, {why_sim} ({sim}) -> {strategy}{note}"
 

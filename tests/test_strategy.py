@@ -19,7 +19,7 @@ def stats(per_class: float, probe: float, shift: float) -> DatasetStats:
 
 
 @pytest.mark.parametrize("per_class,probe,shift,expected", [
-    (50, 0.95, 0.2, "linear_probe"),    # small, similar
+    (50, 0.95, 0.2, "fine_tune_top"),   # small, similar: the probe is kept unless the top groups beat it
     (500, 0.95, 0.2, "fine_tune_top"),  # large, similar
     (500, 0.60, 0.9, "full"),           # large, different
     (50, 0.60, 0.9, "full"),            # small, different: gradual unfreezing with low body LRs
@@ -35,14 +35,15 @@ def test_decide_cells(per_class, probe, shift, expected):
 
 
 def test_decide_without_batchnorm_uses_the_probe_alone():
-    assert decide(stats(50, 0.95, float("nan")))[0] == "linear_probe"
+    assert decide(stats(50, 0.95, float("nan")))[0] == "fine_tune_top"
     strategy, why = decide(stats(500, 0.60, float("nan")))
     assert strategy == "full" and "no BatchNorm" in why and "0.600" in why
 
 
 def test_decide_thresholds_are_the_cuts():
     t = Thresholds(small_per_class=100, probe_similar=0.9, bn_similar=0.45)
-    assert decide(stats(99.5, 0.9, 0.45), t)[0] == "linear_probe"   # at the similarity cuts: similar
+    assert decide(stats(19.5, 0.9, 0.45), t)[0] == "linear_probe"   # below the tiny cut
+    assert decide(stats(20, 0.9, 0.45), t)[0] == "fine_tune_top"    # at the similarity cuts: similar
     assert decide(stats(100, 0.9, 0.45), t)[0] == "fine_tune_top"   # at the size cut: large
     assert decide(stats(100, 0.899, 0.45), t)[0] == "full"
     assert decide(stats(100, 0.9, 0.451), t)[0] == "full"
