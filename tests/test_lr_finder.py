@@ -1,6 +1,7 @@
 """LR range test: suggestions on synthetic curves, exact restore, works frozen and mid-training."""
 import copy
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,3 +150,31 @@ def test_early_noise_is_not_the_minimum_nor_the_start():
     losses[:4] = [1.0, 2.5, 2.5, 2.45]          # first point happens to be low, then a bump
     peak, start, at_min, _ = suggest_lrs(lrs, losses)
     assert 1e-3 <= start < peak <= at_min / 3 and peak >= 5e-3
+
+
+# -- the fine-tuning LR rule on real sweep curves (tests/fixtures/lr_curves, from bench/lr_calibration.py) --------
+
+CURVES = sorted((Path(__file__).parent / "fixtures" / "lr_curves").glob("*.json"))
+
+
+def _good_range(ft_acc: dict) -> tuple[float, float]:
+    """LRs of the fine-tuning grid within 2 points of its best accuracy, widened by half a grid step (x sqrt 3)
+    on each side: where a rule's LR counts as right."""
+    best = max(ft_acc.values())
+    good = [float(lr) for lr, acc in ft_acc.items() if acc >= best - 0.02]
+    return min(good) / 3 ** 0.5, max(good) * 3 ** 0.5
+
+
+@pytest.mark.parametrize("path", CURVES, ids=[p.stem for p in CURVES])
+def test_default_ft_lr_rule_lands_in_the_measured_good_range(path):
+    import json
+    from fastlearn.lr_finder import suggest
+    from fastlearn.recipes import load_recipe
+    d = json.loads(path.read_text())
+    r = load_recipe("transfer")
+    lo, hi = _good_range(d["ft_acc"])
+    head = suggest(d["lrs"], d["losses"], r.lr_suggester)
+    ft = head * r.ft_lr_factor                              # what run_recipe uses for the first fine-tuning stage
+    assert lo <= ft <= hi, f"{path.stem}: rule gives {ft:.2e}, measured good range {lo:.2e}..{hi:.2e}"
+    # the rule this replaced (the sweep's divergence-side peak, used as is) lands far outside it
+    assert suggest(d["lrs"], d["losses"], "peak") > 3 * hi
