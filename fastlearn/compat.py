@@ -137,6 +137,8 @@ def differences(settings: dict, r: Recipe) -> list[Difference]:
     images the DataLoaders yield, which would upsample them."""
     out = []
     for key in ("arch", "opt", "lookahead", "wd", "wd_norm_bias", "loss", "label_smoothing", "bs"):
+        if key == "bs" and r.bs is None:  # the recipe derives it from the data: whatever the learner has runs
+            continue
         if key in settings and not _same(settings[key], getattr(r, key)):
             v = settings[key]
             out.append(Difference(key, getattr(r, key), v, not (isinstance(v, str) and v.startswith("<"))))

@@ -14,14 +14,19 @@ SAME = {"arch": "tf_efficientnet_lite0", "opt": "adamw", "lookahead": False, "wd
         "loss": "ce", "label_smoothing": 0.0, "size": 64, "bs": 32}   # what the digits recipe builds
 
 
+def test_a_derived_batch_size_is_not_a_difference():
+    assert load_recipe("digits").bs is None                      # derived from the number of training images
+    assert differences({**SAME, "bs": 8}, load_recipe("digits")) == []
+
+
 def test_no_difference_when_the_learner_is_the_recipe():
-    assert differences(SAME, load_recipe("digits")) == []
-    assert differences({}, load_recipe("digits")) == []          # a learner that says nothing: nothing to compare
+    assert differences(SAME, load_recipe("digits", {"bs": 32})) == []
+    assert differences({}, load_recipe("digits", {"bs": 32})) == []          # a learner that says nothing: nothing to compare
 
 
 def test_each_difference_is_named_with_both_values():
     got = differences({**SAME, "arch": "resnet18", "opt": "sgd", "wd": 0.05, "loss": "focal", "label_smoothing": 0.0,
-                       "focal_gamma": 1.0, "size": 48, "bs": 8}, load_recipe("digits"))
+                       "focal_gamma": 1.0, "size": 48, "bs": 8}, load_recipe("digits", {"bs": 32}))
     assert [d.key for d in got] == ["arch", "opt", "wd", "loss", "bs", "focal_gamma", "size"]
     assert str(got[0]) == "arch: learner 'resnet18', recipe 'tf_efficientnet_lite0'"
     assert str(got[-1]) == "size: learner 48, recipe 64"
@@ -29,13 +34,13 @@ def test_each_difference_is_named_with_both_values():
 
 
 def test_a_custom_loss_or_optimizer_is_named_but_not_recordable():
-    got = differences({**SAME, "loss": "<MyLoss>", "opt": "<Adam>"}, load_recipe("digits"))
+    got = differences({**SAME, "loss": "<MyLoss>", "opt": "<Adam>"}, load_recipe("digits", {"bs": 32}))
     assert {d.key: d.recordable for d in got} == {"opt": False, "loss": False}
     assert "(no recipe value for it)" in str(got[0])
 
 
 def test_non_square_images_are_named_not_recorded():
-    (d,) = differences({**SAME, "size": (48, 64)}, load_recipe("digits"))
+    (d,) = differences({**SAME, "size": (48, 64)}, load_recipe("digits", {"bs": 32}))
     assert d.key == "size" and not d.recordable and "48x64 px" in str(d)
 
 
@@ -70,7 +75,7 @@ def test_dls_size_from_the_transforms(image_folder):
 
 def test_reconcile_returns_the_recipe_of_what_runs(dls):
     learn = transfer_learner(dls, "test_resnet", pretrained=False, progress=False, wd=0.05)
-    r = load_recipe("digits")
+    r = load_recipe("digits", {"bs": 32})
     with pytest.warns(LearnerRecipeWarning) as w:
         ran = reconcile(learn, r)
     msg = str(w[0].message)
@@ -88,7 +93,7 @@ def test_reconcile_returns_the_recipe_of_what_runs(dls):
 def test_reconcile_refuses_a_plain_fastai_learner(dls):
     from fastai.learner import Learner
     with pytest.raises(RecipeMismatchError, match="transfer_learner"):
-        reconcile(Learner(dls, nn.Linear(3, 3), loss_func=nn.CrossEntropyLoss()), load_recipe("digits"))
+        reconcile(Learner(dls, nn.Linear(3, 3), loss_func=nn.CrossEntropyLoss()), load_recipe("digits", {"bs": 32}))
 
 
 def test_fit_preset_on_own_learner_records_what_ran_and_takes_cbs(image_folder, tmp_path):
