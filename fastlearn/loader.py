@@ -110,9 +110,13 @@ def decode_image(path, short_side: int | None = None) -> Image.Image:
         im = im._new(im.im)  # detach from the file, as fastai's load_image does
     if im.mode not in ("L", "RGB"):
         im = im.convert("RGB")
+    return reduce_short_side(im, short_side)
+
+
+def reduce_short_side(im: Image.Image, short_side: int | None) -> Image.Image:
+    "`im` with its shorter side reduced to `short_side` px when larger (bilinear, antialiased); never upscaled."
     w, h = im.size
-    s = min(w, h)
-    if short_side and s > short_side:
+    if short_side and min(w, h) > short_side:
         size = (short_side, round(h * short_side / w)) if w <= h else (round(w * short_side / h), short_side)
         im = im.resize(size, Image.Resampling.BILINEAR)
     return im

@@ -88,11 +88,16 @@ def gather_images(images) -> list[tuple[str, Path | Image.Image]]:
     return out
 
 
-def load_image(item: Path | Image.Image):
-    "An RGB fastai PILImage, opened as fastai's ImageBlock does; CorruptImageError names a file that fails."
+def load_image(item: Path | Image.Image, short_side: int | None = None):
+    """An RGB fastai PILImage, opened as the run's loader opened it (fastai's ImageBlock, or, with `short_side`,
+    fastlearn's reduced decode `loader.decode_image`); CorruptImageError names a file that fails."""
     from fastai.vision.core import PILImage
+    from .loader import decode_image, reduce_short_side
     try:
-        return PILImage.create(item.convert("RGB") if isinstance(item, Image.Image) else item)
+        if isinstance(item, Image.Image):
+            im = item.convert("RGB") if item.mode not in ("L", "RGB") else item
+            return PILImage.create(reduce_short_side(im, short_side).convert("RGB"))
+        return PILImage.create(decode_image(item, short_side).convert("RGB") if short_side else item)
     except Exception as e:  # Pillow raises UnidentifiedImageError, OSError (truncated), SyntaxError, ... per codec
         name = str(item) if not isinstance(item, Image.Image) else "an in-memory image"
         raise CorruptImageError(f"cannot read {name} as an image ({type(e).__name__}: {e}); pass image files only",
@@ -149,7 +154,8 @@ def predict_probs(run, items: Sequence, tta: bool = False, bs: int = 64) -> torc
     out = [torch.empty(0, len(run.classes))]
     with ThreadPoolExecutor(max_workers=4) as pool, torch.inference_mode():  # decoding releases the GIL
         for i in range(0, len(items), bs):
-            x = preprocess(list(pool.map(load_image, items[i:i + bs])), run.card, run.device)
+            side = (run.card.get("decode") or {}).get("short_side")
+            x = preprocess(list(pool.map(lambda it: load_image(it, side), items[i:i + bs])), run.card, run.device)
             probs = torch.stack([act(run.model(_view(x, v)).float()) for v in views]).mean(0)
             out.append(probs.cpu())
     return torch.cat(out)

@@ -98,7 +98,18 @@ def model_card(learn, recipe=None) -> dict:
             "multi_label": multi, "threshold": _threshold(learn, recipe, n) if multi else None,
             "weights": "model.safetensors", "fastlearn_version": __version__,
             "resize": resize,  # applied to each image before ToTensor; then /255, Normalize, resize to input_size
+            "decode": {"short_side": _decode_short_side(learn)},  # the loader's reduced decode (None: full size)
             "recipe": recipe.name if recipe is not None else None}
+
+
+def _decode_short_side(learn) -> int | None:
+    "The short side fastlearn's loader decodes images at (`loader.ImageDecoder`), None for full-size decoding."
+    from .loader import ImageDecoder
+    for tl in getattr(getattr(learn.dls, "valid_ds", None), "tls", [])[:1]:
+        for f in getattr(tl.tfms, "fs", []):
+            if isinstance(f, ImageDecoder) and f.short_side:
+                return int(f.short_side)
+    return None
 
 
 def write_model_card(learn, run_dir: str | Path, recipe=None) -> Path:
@@ -183,7 +194,8 @@ class Run:
     def preprocess(self, images) -> torch.Tensor:
         "The model's input for `images` (paths, folders, globs or PIL images), exactly as validation fed it."
         from .predict import load_image, gather_images, preprocess
-        return preprocess([load_image(img) for _, img in gather_images(images)], self.card, self.device)
+        side = (self.card.get("decode") or {}).get("short_side")
+        return preprocess([load_image(img, side) for _, img in gather_images(images)], self.card, self.device)
 
     def probs(self, images, tta: bool = False, bs: int = 64) -> torch.Tensor:
         "(N, n_classes) probabilities (softmax, or sigmoid when multi-label) for `images`, on the CPU."

@@ -325,9 +325,11 @@ def _run_recipe(learn, r: Recipe, run_dir: Path, resume: bool = False, checkpoin
             print(f"lr_find: peak {found.peak:.2e}, start {found.start:.2e}", flush=True)
     else:  # a recipe's fixed LR is for `lr_ref_bs` images per step: scale to this run's global batch
         peak = scale_lr(peak, global_batch_size(r.bs, r.grad_accum), r.lr_ref_bs, r.lr_scale_rule)
-    if ft_peak is None:  # after a head stage, fine-tuning starts lower; without one the first stage is the sweep's
-        head_ran = on_features or any(st.n_trainable == 1 and st.epochs for st in plan)
-        ft_peak = peak * (r.ft_lr_factor if head_ran else 1.0)
+    if ft_peak is None:
+        # after the head on features: ft_lr_factor x the head's LR (calibrated for the valley rule on the head's
+        # sweep); on the classic path (one sweep of the whole model, its divergence-side peak) each stage runs at
+        # peak x its lr_mult (stage_lr_mult per deeper stage), as the recipe's stage plan says
+        ft_peak = peak * (r.ft_lr_factor if on_features else _first_ft_mult(plan))
     elif state is None:
         ft_peak = scale_lr(ft_peak, global_batch_size(r.bs, r.grad_accum), r.lr_ref_bs, r.lr_scale_rule)
     for i, st in enumerate(plan):

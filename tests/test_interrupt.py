@@ -26,6 +26,18 @@ from fastlearn.recipes import Recipe
 from fastlearn.training import run_recipe
 from conftest import synthetic_dls, write_image_folder
 
+
+@pytest.fixture(autouse=True)
+def default_signal_handlers():
+    """Python's default SIGINT/SIGTERM handlers, whatever the test process inherited: a shell starts background
+    jobs (`cmd &`, nohup) with SIGINT ignored, and the guard rightly leaves an ignored signal ignored."""
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for s, h in old.items():
+        signal.signal(s, h)
+
 # one stage (scratch), 2 epochs x 4 batches, as in test_checkpoint.py
 SMALL = dict(arch="test_resnet", pretrained=False, lr=1e-3, lr_find=False, size=32, augment=False,
              strategy="scratch", epochs=2, keep_last=2)

@@ -110,7 +110,8 @@ def test_three_line_script_learns(image_folder, tmp_path):
     dls = image_dls(image_folder, size=32, bs=8, flip=False)
     learn = tl(dls, "test_resnet", pretrained=False, progress=False)
     res = learn.fit_preset("transfer", run_dir=tmp_path / "run", arch="test_resnet", pretrained=False,
-                           head_epochs=2, unfreeze_epochs=1, epochs=3, size=32, bs=8)
+                           head_epochs=2, unfreeze_epochs=1, epochs=3, size=32, bs=8, unfreeze_step=2,
+                           stage_lr_mult=0.5)
     assert res.accuracy >= 0.9                  # three colour classes: learnable
     assert [s["stage"] for s in res.stages][0] == "head"
     peaks = [s["peak_lr"] for s in res.stages]
