@@ -329,7 +329,7 @@ def _run_recipe(learn, r: Recipe, run_dir: Path, resume: bool = False, checkpoin
         # after the head on features: ft_lr_factor x the head's LR (calibrated for the valley rule on the head's
         # sweep); on the classic path (one sweep of the whole model, its divergence-side peak) each stage runs at
         # peak x its lr_mult (stage_lr_mult per deeper stage), as the recipe's stage plan says
-        ft_peak = peak * (r.ft_lr_factor if on_features else _first_ft_mult(plan))
+        ft_peak = min(peak * r.ft_lr_factor, r.ft_lr_max) if on_features else peak * _first_ft_mult(plan)
     elif state is None:
         ft_peak = scale_lr(ft_peak, global_batch_size(r.bs, r.grad_accum), r.lr_ref_bs, r.lr_scale_rule)
     for i, st in enumerate(plan):

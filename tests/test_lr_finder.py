@@ -174,7 +174,7 @@ def test_default_ft_lr_rule_lands_in_the_measured_good_range(path):
     r = load_recipe("transfer")
     lo, hi = _good_range(d["ft_acc"])
     head = suggest(d["lrs"], d["losses"], r.lr_suggester)
-    ft = head * r.ft_lr_factor                              # what run_recipe uses for the first fine-tuning stage
+    ft = min(head * r.ft_lr_factor, r.ft_lr_max)            # what run_recipe uses for the first fine-tuning stage
     assert lo <= ft <= hi, f"{path.stem}: rule gives {ft:.2e}, measured good range {lo:.2e}..{hi:.2e}"
     # the rule this replaced (the sweep's divergence-side peak, used as is) lands far outside it
     assert suggest(d["lrs"], d["losses"], "peak") > 3 * hi
