@@ -295,7 +295,7 @@ def report(results: list[dict], a) -> None:
                     probes = [r.get("probe_acc") for r in rs if r.get("probe_acc") is not None]
                     if probes:
                         notes += f", probe {_mean(probes):.4f}"
-                kept = {r.get("kept") for r in rs if r.get("kept")}
+                kept = {(k.get("stage", "?") if isinstance(k, dict) else str(k)) for k in (r.get("kept") for r in rs) if k}
                 if kept:
                     notes += f", kept {','.join(sorted(kept))}"
             ratio = secs / fa_t if fa_t == fa_t and fa_t > 0 else float("nan")
