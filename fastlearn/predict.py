@@ -154,8 +154,8 @@ def predict_probs(run, items: Sequence, tta: bool = False, bs: int = 64) -> torc
     out = [torch.empty(0, len(run.classes))]
     with ThreadPoolExecutor(max_workers=4) as pool, torch.inference_mode():  # decoding releases the GIL
         for i in range(0, len(items), bs):
-            side = (run.card.get("decode") or {}).get("short_side")
-            x = preprocess(list(pool.map(lambda it: load_image(it, side), items[i:i + bs])), run.card, run.device)
+            x = preprocess(list(pool.map(lambda it: load_image(it, run.decode_short_side), items[i:i + bs])), run.card,
+                           run.device)
             probs = torch.stack([act(run.model(_view(x, v)).float()) for v in views]).mean(0)
             out.append(probs.cpu())
     return torch.cat(out)

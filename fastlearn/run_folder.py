@@ -194,8 +194,13 @@ class Run:
     def preprocess(self, images) -> torch.Tensor:
         "The model's input for `images` (paths, folders, globs or PIL images), exactly as validation fed it."
         from .predict import load_image, gather_images, preprocess
-        side = (self.card.get("decode") or {}).get("short_side")
-        return preprocess([load_image(img, side) for _, img in gather_images(images)], self.card, self.device)
+        return preprocess([load_image(img, self.decode_short_side) for _, img in gather_images(images)], self.card,
+                          self.device)
+
+    @property
+    def decode_short_side(self) -> int | None:
+        "The short side the run's loader decoded images at (model.json `decode`), None for full-size decoding."
+        return (self.card.get("decode") or {}).get("short_side")
 
     def probs(self, images, tta: bool = False, bs: int = 64) -> torch.Tensor:
         "(N, n_classes) probabilities (softmax, or sigmoid when multi-label) for `images`, on the CPU."

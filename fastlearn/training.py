@@ -158,7 +158,7 @@ def _record_finished_stage(stages: list, rows: list, st, plan, peak, ft_peak, n_
     if not mine:
         return
     vals = {k: float(v) for k, v in mine[-1].items() if k not in ("stage", "epoch", "seconds")}
-    hi = peak * st.lr_mult if st.n_trainable == 1 else ft_peak * st.lr_mult / _first_ft_mult(plan)
+    hi = _stage_peak(st, plan, peak, ft_peak)
     stages.append({"stage": name, "trainable_groups": st.n_trainable, "epochs": len(mine), "peak_lr": hi, **vals,
                    "seconds": round(sum(row.get("seconds", 0.0) for row in mine), 1)})
     metrics = [k for k in vals if k not in ("train_loss", "valid_loss")]
@@ -351,7 +351,7 @@ def _run_recipe(learn, r: Recipe, run_dir: Path, resume: bool = False, checkpoin
         if resume_cb and resume_cb[0].mid_stage:  # mid-stage: the state the interrupted stage had built up
             resume_cb[0].st.restore_optimizer(learn)
         # the head stage's peak is the sweep's; fine-tuning stages start at ft_peak, lower for each deeper one
-        hi = peak * st.lr_mult if st.n_trainable == 1 else ft_peak * st.lr_mult / _first_ft_mult(plan)
+        hi = _stage_peak(st, plan, peak, ft_peak)
         lr = slice(hi / r.lr_ratio, hi) if st.n_trainable > 1 else hi
         ts = time.perf_counter()
         learn.fit_stage(epochs, lr, r.div, r.final_div, r.pct_start, r.moms,
@@ -366,7 +366,7 @@ def _run_recipe(learn, r: Recipe, run_dir: Path, resume: bool = False, checkpoin
     if r.swa_epochs:  # SWA after the last stage, at a constant LR, keeping the last stage's groups and LR ratio
         from .swa import run_swa
         last = plan[-1]
-        last_hi = peak * last.lr_mult if last.n_trainable == 1 else ft_peak * last.lr_mult / _first_ft_mult(plan)
+        last_hi = _stage_peak(last, plan, peak, ft_peak)
         swa_hi = r.swa_lr if r.swa_lr is not None else last_hi / 10
         swa_lrs = learn.layer_lrs(slice(swa_hi / r.lr_ratio, swa_hi) if last.n_trainable > 1 else swa_hi)
         label_stage("swa")
@@ -408,6 +408,11 @@ def _score_key(stage: dict) -> str:
     "The first metric's name in a stage row (after the losses)."
     return next((k for k in stage if k not in ("stage", "trainable_groups", "epochs", "peak_lr", "train_loss",
                                                "valid_loss", "seconds", "epoch")), "")
+
+
+def _stage_peak(st, plan, peak: float, ft_peak: float) -> float:
+    "A stage's peak LR: the head's is the sweep's; fine-tuning stages start at ft_peak, scaled by their lr_mult."
+    return peak * st.lr_mult if st.n_trainable == 1 else ft_peak * st.lr_mult / _first_ft_mult(plan)
 
 
 def _first_ft_mult(plan) -> float:
