@@ -33,7 +33,7 @@ def one(seed: int, threads: int, out: Path, extra: list[str]) -> dict:
         raise SystemExit(f"seed {seed}, {threads} threads: exit {p.returncode}")
     s = json.loads((run_dir / "summary.json").read_text())
     return {"seed": seed, "threads": threads, "accuracy": float(s["accuracy"]), "wall_s": wall,
-            "strategy": s.get("strategy"), "kept": (s.get("kept") or {}).get("name"),
+            "strategy": s.get("strategy"), "kept": (s.get("kept") or {}).get("stage"),
             "lr_find_s": (s.get("timings") or {}).get("lr_find")}
 
 

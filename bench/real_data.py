@@ -165,7 +165,7 @@ def run_tutorial(view: Path, size: int, seed: int, epochs: int = 25) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.1)
     best, accs = 0.0, []
-    for _ in range(epochs):
+    for ep in range(epochs):
         model.train()
         for x, y in dl["train"]:
             opt.zero_grad()
@@ -179,6 +179,8 @@ def run_tutorial(view: Path, size: int, seed: int, epochs: int = 25) -> dict:
                 correct += int((model(x).argmax(1) == y).sum())
         accs.append(correct / len(ds["valid"]))
         best = max(best, accs[-1])
+        print(f"tutorial epoch {ep + 1}/{epochs}: valid accuracy {accs[-1]:.4f} at {time.perf_counter() - t0:.0f} s",
+              flush=True)
     return {"accuracy": accs[-1], "best": best, "seconds": time.perf_counter() - t0, "per_epoch": accs}
 
 

@@ -66,6 +66,8 @@ class Recipe:
     ft_lr_max: float = 3e-3             # ... capped here: the largest fine-tuning LR measured good (higher ones broke
                                         # the body on real photos: 8.8e-3 sent clothing's valid loss from 0.41 to 7.6)
                                         # measured best of 0.1-3 on real photos (bench/lr_calibration.py)
+    train_bn: bool = True               # BatchNorm in frozen groups keeps training (fastai); false: frozen groups are
+                                        # frozen whole, so backward stops at the lowest trainable group (cheaper steps)
     keep_best: bool = True              # end with the best stage end's weights (by validation metric, then loss)
     lr_ratio: float = 100.0             # head LR / first-group LR, geometric in between
     head_epochs: int = 1

@@ -290,9 +290,10 @@ def _run_recipe(learn, r: Recipe, run_dir: Path, resume: bool = False, checkpoin
     # the callbacks see the chosen strategy (resizing needs the run's length, compile its last stage)
     total_steps = sum(st.epochs for st in plan) * len(learn.dls.train)
     extra = recipe_callbacks(learn, r.replace(strategy=strategy), run_dir, total_steps=total_steps)
-    learn.freeze_top(plan[0].n_trainable if plan[0].epochs else next((s.n_trainable for s in plan if s.epochs), 1))
+    learn.freeze_top(plan[0].n_trainable if plan[0].epochs else next((s.n_trainable for s in plan if s.epochs), 1),
+                     train_bn=r.train_bn)
     if state is not None:
-        learn.freeze_top(plan[min(state.stage, len(plan) - 1)].n_trainable)
+        learn.freeze_top(plan[min(state.stage, len(plan) - 1)].n_trainable, train_bn=r.train_bn)
         state.restore(learn, extra)
         ckpt.load_history(state)
         peak, ft_peak, probe = state.extra["peak"], state.extra.get("ft_peak"), state.extra.get("probe")
@@ -347,7 +348,7 @@ def _run_recipe(learn, r: Recipe, run_dir: Path, resume: bool = False, checkpoin
         name = _stage_name(st.n_trainable, learn.n_layer_groups)
         label_stage(name)
         ckpt.stage_index = i
-        learn.freeze_top(st.n_trainable)  # fastai's freeze_to clears the optimizer state
+        learn.freeze_top(st.n_trainable, train_bn=r.train_bn)  # fastai's freeze_to clears the optimizer state
         if resume_cb and resume_cb[0].mid_stage:  # mid-stage: the state the interrupted stage had built up
             resume_cb[0].st.restore_optimizer(learn)
         # the head stage's peak is the sweep's; fine-tuning stages start at ft_peak, lower for each deeper one

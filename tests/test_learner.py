@@ -54,6 +54,26 @@ def test_batchnorm_in_frozen_groups_keeps_training():
     assert not torch.equal(stats0, learn.model.bn1.running_mean)
 
 
+def test_train_bn_false_freezes_frozen_groups_whole_and_backward_stops_there():
+    learn = learner("test_resnet")
+    learn.freeze_top(2, train_bn=False)         # the head and the last stage trainable, everything below frozen whole
+    groups = learn.group_map.layer_index()
+    top = {id(p) for g, ps in zip(groups, learn.opt.param_lists) if g >= learn.n_layer_groups - 2 for p in ps}
+    assert all(p.requires_grad == (id(p) in top) for p in learn.model.parameters())
+    before = snapshot(learn.model)
+    stats0 = learn.model.bn1.running_mean.clone()
+    learn.fit_stage(1, 1e-2)
+    after = snapshot(learn.model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    trainable = {n for n, p in learn.model.named_parameters() if id(p) in top}
+    assert changed and changed <= trainable     # BN affine weights in frozen groups did not move
+    assert not torch.equal(stats0, learn.model.bn1.running_mean)  # their statistics still follow the data
+    # no gradient reaches the frozen stem: the backward pass stopped at the lowest trainable group
+    assert all(p.grad is None for n, p in learn.model.named_parameters() if id(p) not in top)
+    learn.freeze_top(2, train_bn=True)           # back to fastai's behaviour: frozen BN trains again
+    assert all(p.requires_grad for n, p in learn.model.named_parameters() if is_norm_param(learn.model, n))
+
+
 class LRProbe(Callback):
     "Reads every optimizer group's LR at training step `at` (mid-training)."
     order = 99
