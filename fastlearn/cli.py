@@ -13,6 +13,16 @@ import shutil
 import sys
 from pathlib import Path
 
+from . import __version__
+from .console import console_width
+from .errors import FastlearnError, TrainingInterrupted
+from .recipe_view import recipe_list, recipe_text
+from .runlock import LOCK_NAME, check_unlocked
+from .samples import is_sample_name, sample
+
+# The commands that train, predict or export import their modules inside the command's function: those load
+# torch and fastai (seconds), which `--help`, `--version` and `recipes` must not wait for.
+
 __all__ = ["main", "parse_args"]
 
 
@@ -23,7 +33,6 @@ class _Version(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from . import __version__
         print(f"fastlearn {__version__} from {Path(__file__).resolve().parent} (python {sys.version.split()[0]})")
         parser.exit()
 
@@ -118,15 +127,12 @@ def _use_parsers(sub) -> None:
 
 
 def _recipes(name: str | None) -> int:
-    from .progress import console_width
-    from .recipe_view import recipe_list, recipe_text
     width = console_width() or shutil.get_terminal_size().columns
     print(recipe_text(name, width) if name else recipe_list(width), end="", flush=True)
     return 0
 
 
 def _data_arg(data: str) -> Path:
-    from .samples import is_sample_name, sample
     return sample(data) if is_sample_name(data) and not Path(data).exists() else Path(data)
 
 
@@ -134,13 +140,8 @@ def _train(a) -> int:
     from .training import learner_from_recipe, run_recipe
     if a.resume and a.run_dir is None:
         raise ValueError("--resume needs --run-dir, the run folder to continue")
-    if a.run_dir and not a.resume and Path(a.run_dir).exists() and any(
-            p.name != "run.lock" for p in Path(a.run_dir).iterdir()):  # a lone lock: a run that died at its start
-        raise FileExistsError(f"run folder {a.run_dir} already holds a run; pass --resume to continue it, "
-                              f"or choose another --run-dir (nothing was overwritten)")
-    if a.run_dir and os.environ.get("RANK", "0") == "0":  # rank 0 takes the lock under torchrun
-        from .runlock import check_unlocked
-        check_unlocked(a.run_dir)  # another process trains there: say so before the data is read
+    if a.run_dir:
+        _check_run_dir(Path(a.run_dir), a.resume)
     run_args = dict(run_dir=a.run_dir, runs_root=a.out, resume=a.resume, checkpoint_steps=a.checkpoint_steps,
                     accept_data_change=a.accept_data_change)
     if not a.distributed:
@@ -169,6 +170,24 @@ def _train(a) -> int:
     return 0
 
 
+_RUN_FILES = ("recipe.toml", "checkpoints", "metrics.csv", "model.safetensors", "model.json", "summary.json")
+
+
+def _check_run_dir(run_dir: Path, resume: bool) -> None:
+    "Before the data is read: who holds the folder first, then whether it holds a run to continue (or none)."
+    if os.environ.get("RANK", "0") == "0":  # rank 0 takes the lock under torchrun
+        check_unlocked(run_dir)  # another process trains there: name it, whatever the folder holds
+    found = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_NAME) if run_dir.is_dir() else []
+    if resume or not found:  # a lone lock: a run that died at its start
+        return
+    if any((run_dir / f).exists() for f in _RUN_FILES):
+        raise FileExistsError(f"run folder {run_dir} already holds a run; pass --resume to continue it, "
+                              f"or choose another --run-dir (nothing was overwritten)")
+    listed = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+    raise FileExistsError(f"--run-dir {run_dir} is not empty and holds no fastlearn run (it has {listed}); "
+                          f"choose a new or empty folder for the run (nothing was touched)")
+
+
 def _report(res) -> None:
     print(f"run folder: {res.run_dir}")
     print(f"accuracy={res.accuracy:.4f} time={res.seconds:.1f}s strategy={res.strategy}")
@@ -176,7 +195,6 @@ def _report(res) -> None:
 
 def _resume_command(a, run_dir) -> str:
     "The command line that resumes this `fastlearn train` run in `run_dir` (what the user typed, plus --resume)."
-    import shlex
     argv = ["train", a.recipe, "--data", a.data, "--run-dir", str(run_dir), "--resume"]
     if a.checkpoint_steps:
         argv += ["--checkpoint-steps", str(a.checkpoint_steps)]
@@ -252,7 +270,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from .errors import FastlearnError, TrainingInterrupted
+    if args.cmd != "recipes":  # every other command loads fastai: once, through its quiet import
+        from . import _fastai  # noqa: F401
     try:
         return {"recipes": lambda: _recipes(args.name), "train": lambda: _train(args), "lr-find": lambda: _lr_find(args),
                 "doctor": lambda: _doctor(args), "search": lambda: _search(args),

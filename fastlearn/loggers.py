@@ -16,7 +16,6 @@ callback. So each tool gets a thin callback over its own writer: `SummaryWriter`
 """
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import time
@@ -24,12 +23,12 @@ from pathlib import Path
 
 from fastai.callback.core import Callback
 
-from .errors import MissingExtraError, RecipeError
+from .errors import MissingExtraError
+from .recipes import LOGGERS, check_logger_names
 
 __all__ = ["LOGGERS", "logger_callbacks", "check_loggers", "check_logger_names", "EpochLogger", "TensorBoardLogger",
            "MLflowLogger", "WandbLogger", "MissingDependencyError"]
 
-LOGGERS = ("csv", "tensorboard", "mlflow", "wandb")
 # logger -> (module that must import, pip extra of fastlearn that installs it)
 _NEEDS = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow"),
           "wandb": ("wandb", "wandb")}
@@ -43,19 +42,6 @@ def _require(module: str, extra: str, what: str):
     "Import optional `module`, or raise one line naming the fastlearn extra that installs it."
     from ._optional import require
     return require(module, extra, what)
-
-
-def check_logger_names(names, origin: str = "loggers") -> None:
-    "RecipeError unless every name is one of LOGGERS, once each (with a did-you-mean for a typo)."
-    for n in names:
-        if n not in LOGGERS:
-            close = difflib.get_close_matches(str(n), LOGGERS, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise RecipeError(f"{origin}: unknown logger {n!r} in 'loggers' = {list(names)!r}; {hint}"
-                              f"use any of {', '.join(map(repr, LOGGERS))}")
-    twice = sorted({n for n in names if list(names).count(n) > 1})
-    if twice:
-        raise RecipeError(f"{origin}: 'loggers' = {list(names)!r} names {twice} more than once; list each once")
 
 
 def check_loggers(names) -> None:

@@ -11,28 +11,9 @@ from typing import IO, Sequence
 
 from fastai.callback.core import Callback
 
+from .console import console, console_width, is_terminal
+
 __all__ = ["EpochProgress", "summary_table", "is_terminal", "console", "console_width", "epoch_metrics"]
-
-
-def is_terminal(stream: IO | None = None) -> bool:
-    stream = stream or sys.stdout
-    return bool(getattr(stream, "isatty", lambda: False)())
-
-
-def console_width() -> int | None:
-    "Columns to print in: $COLUMNS when set, else the terminal's (None: rich asks it), else 80 (piped, a file, CI)."
-    import os
-    cols = os.environ.get("COLUMNS", "").strip()
-    if cols.isdigit() and int(cols) > 0:
-        return int(cols)
-    return None if is_terminal() else 80
-
-
-def console():
-    "The shared rich console, `console_width()` wide (plain text, no colour codes, when output is not a terminal)."
-    from rich.console import Console
-    return Console(highlight=False, soft_wrap=True, width=console_width()) if is_terminal() else \
-        Console(highlight=False, soft_wrap=True, force_terminal=False, color_system=None, width=console_width())
 
 
 def epoch_metrics(recorder) -> dict:
@@ -85,13 +66,19 @@ class EpochProgress(Callback):
                                                  total=len(self.dls.train), loss="-")
 
     def after_batch(self):
-        if self._in_fit and self._progress is not None and self.training:
-            now = time.perf_counter()
-            if now - self._t_loss < 0.5:  # reading the loss waits for the device: twice a second is enough
-                self._progress.update(self._task, advance=1)
-                return
-            self._t_loss = now
-            self._progress.update(self._task, advance=1, loss=f"{float(self.learn.smooth_loss):.4f}")
+        if not (self._in_fit and self._progress is not None and self.training):
+            return
+        now = time.perf_counter()
+        # reading the loss waits for the device: twice a second is enough. A batch a resume skips (ResumeAt
+        # empties its yb: it ran before the interruption) only moves the bar
+        if len(self.yb) == 0 or now - self._t_loss < 0.5:
+            self._progress.update(self._task, advance=1)
+            return
+        self._t_loss = now
+        # the Recorder's own value, not `learn.smooth_loss`: the Recorder sets that only after a batch it recorded,
+        # and until then (a resumed process's first batches) Learner forwards the name to the model, which raises
+        loss = self.learn.recorder.smooth_loss.value
+        self._progress.update(self._task, advance=1, loss=f"{float(loss):.4f}")
 
     def after_epoch(self):
         if not self._in_fit:
@@ -115,14 +102,29 @@ class EpochProgress(Callback):
             self._progress = None
 
 
+# short headers for the run summary's long keys, so that its table fits 80 columns (a CI log, `| tee`)
+_HEADERS = {"trainable_groups": "groups", "peak_lr": "peak LR", "train_loss": "train loss",
+            "valid_loss": "valid loss", "seconds": "s"}
+
+
+def _header(key: str) -> str:
+    "A column's header: short for the known long keys; underscores as spaces, so a narrow table wraps between words."
+    return _HEADERS.get(key, key.replace("_", " "))
+
+
+def _cell(key: str, v) -> str:
+    return f"{v:.1f}" if key == "seconds" and isinstance(v, (int, float)) else _fmt(v)
+
+
 def summary_table(rows: Sequence[dict], title: str = "fastlearn run") -> str:
     "Render rows (dicts with the same keys) as a rich table; returns the text it printed."
     from rich.table import Table
     t = Table(title=title)
     keys = list(rows[0]) if rows else []
-    cells = [[_fmt(r[k]) for k in keys] for r in rows]
-    for j, k in enumerate(keys):  # values are never cut; in a narrow console the headers fold instead
-        t.add_column(k, justify="right" if rows and isinstance(rows[0][k], (int, float)) else "left",
+    cells = [[_cell(k, r[k]) for k in keys] for r in rows]
+    for j, k in enumerate(keys):
+        # values are never cut; headers wrap between words (rich splits a word only when no width is left for it)
+        t.add_column(_header(k), justify="right" if rows and isinstance(rows[0][k], (int, float)) else "left",
                      min_width=max((len(c[j]) for c in cells), default=1), overflow="fold")
     for c in cells:
         t.add_row(*c)

@@ -63,9 +63,9 @@ class Recipe:
     adapt_bn_shift: float | None = 0.45  # BN shift above which BN statistics are re-estimated before the head (AdaBN)
     ft_lr: float | None = None          # peak LR of the first fine-tuning stage (top group); None = from the head's
     ft_lr_factor: float = 1.0           # first FT stage's peak LR / the head's, after the head on cached features; 1.0
+                                        # measured best of 0.1-3 on real photos (bench/lr_calibration.py)
     ft_lr_max: float = 3e-3             # ... capped here: the largest fine-tuning LR measured good (higher ones broke
                                         # the body on real photos: 8.8e-3 sent clothing's valid loss from 0.41 to 7.6)
-                                        # measured best of 0.1-3 on real photos (bench/lr_calibration.py)
     train_bn: bool = True               # BatchNorm in frozen groups keeps training (fastai); false: frozen groups are
                                         # frozen whole, so backward stops at the lowest trainable group (cheaper steps)
     keep_best: bool = True              # end with the best stage end's weights (by validation metric, then loss)
@@ -118,6 +118,8 @@ class Recipe:
     # -- run bookkeeping
     checkpoint_every: int = 1           # epochs between checkpoints (0 = only at the end)
     keep_last: int = 2                  # checkpoints kept besides the best
+    keep_checkpoints: bool = False      # keep every checkpoint once the run has finished; false: only the last one
+                                        # stays (resume, inspection), the kept weights being model.safetensors
     loggers: tuple[str, ...] = ()       # experiment loggers besides metrics.csv: "tensorboard", "mlflow", "wandb"
 
     def __post_init__(self):
@@ -268,12 +270,28 @@ def _validate(r: Recipe) -> None:
                           f"{r.label_smoothing} (focal loss takes hard targets); set label_smoothing = 0")
     if r.mixup and r.cutmix:
         raise RecipeError(f"recipe {r.name!r}: 'mixup' and 'cutmix' are both on; choose one")
-    from .loggers import check_logger_names
     check_logger_names(r.loggers, origin=f"recipe {r.name!r}")
     if r.multi_label and (r.loss != "ce" or r.label_smoothing):
         what = f"'loss' = {r.loss!r}" if r.loss != "ce" else f"'label_smoothing' = {r.label_smoothing}"
         raise RecipeError(f"recipe {r.name!r}: 'multi_label' = true trains with a per-class sigmoid and binary "
                           f"cross-entropy, which {what} does not apply to; set loss = \"ce\" and label_smoothing = 0")
+
+
+LOGGERS = ("csv", "tensorboard", "mlflow", "wandb")  # the names the `loggers` key takes (fastlearn/loggers.py)
+
+
+def check_logger_names(names, origin: str = "loggers") -> None:
+    "RecipeError unless every name is one of LOGGERS, once each (with a did-you-mean for a typo)."
+    for n in names:
+        if n not in LOGGERS:
+            close = difflib.get_close_matches(str(n), LOGGERS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise RecipeError(f"{origin}: unknown logger {n!r} in 'loggers' = {list(names)!r}; {hint}"
+                              f"use any of {', '.join(map(repr, LOGGERS))}")
+    twice = sorted({n for n in names if list(names).count(n) > 1})
+    if twice:
+        raise RecipeError(f"{origin}: 'loggers' = {list(names)!r} names {twice} more than once; list each once")
+
 
 
 # -- loading ------------------------------------------------------------------------------------

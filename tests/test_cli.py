@@ -156,6 +156,32 @@ def test_existing_run_folder_is_not_overwritten(tmp_path, capsys, image_folder):
     assert (run / "model.safetensors").read_bytes() == b"precious"
 
 
+def test_a_run_dir_that_is_a_data_folder_is_named_for_what_it_is(tmp_path, capsys, image_folder):
+    before = sorted(p.relative_to(image_folder) for p in image_folder.rglob("*"))
+    code = main(["train", "transfer", "--data", str(image_folder), "--run-dir", str(image_folder), "arch=test_resnet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "is not empty and holds no fastlearn run (it has train, valid)" in err and "already holds" not in err
+    assert sorted(p.relative_to(image_folder) for p in image_folder.rglob("*")) == before
+
+
+def test_printing_commands_do_not_load_torch_or_fastai():
+    "`--help`, `--version` and `recipes` answer without the training stack (seconds of start-up on a CPU)."
+    code = ("import sys, contextlib, io\n"
+            "from fastlearn.cli import main\n"
+            "for argv in (['--help'], ['--version'], ['recipes'], ['recipes', 'transfer'], ['train', '--help']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "        try:\n"
+            "            main(argv)\n"
+            "        except SystemExit:\n"
+            "            pass\n"
+            "    assert out.getvalue().strip(), argv\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'fastai', 'timm', 'torchvision')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 @pytest.mark.slow
 def test_train_and_lr_find_end_to_end(tmp_path, image_folder):
     out = run_cli("train", "transfer", "--data", str(image_folder), "--out", str(tmp_path / "runs"),

@@ -127,6 +127,22 @@ def test_cli_resume_of_a_folder_in_use_names_the_holder_before_reading_data(tmp_
     assert err.startswith(f"fastlearn: error: run folder {tmp_path} is in use: pid {pid}")
 
 
+def test_cli_train_into_a_busy_folder_names_the_holder_without_resume(tmp_path, capsys, monkeypatch):
+    "Not `already holds a run; pass --resume`: the folder is in use, and resuming would be refused too."
+    from fastlearn import cli, training
+    monkeypatch.setattr(training, "learner_from_recipe", lambda *a, **k: pytest.fail("the data was read"))
+    (tmp_path / "recipe.toml").write_text("# the holder's run\n")
+    pid = _hold_in_child(tmp_path)
+    try:
+        code = cli.main(["train", "digits", "--data", "digits", "--run-dir", str(tmp_path)])
+    finally:
+        _kill(pid)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"fastlearn: error: run folder {tmp_path} is in use: pid {pid}")
+    assert (tmp_path / "recipe.toml").read_text() == "# the holder's run\n"
+
+
 def test_command_line_reads_as_typed(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["/venv/bin/fastlearn", "train", "digits", "--data", "my data"])
     assert rl.command_line() == "fastlearn train digits --data 'my data'"
