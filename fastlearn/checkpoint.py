@@ -34,13 +34,28 @@ from .precision import learner_device
 
 __all__ = ["atomic_write", "save_weights", "load_weights", "load_learner", "Checkpointer", "ResumeAt", "CheckpointState",
            "resume_state", "resume_or_restart", "read_state", "plain", "latest_checkpoint", "rng_state", "set_rng_state",
-           "recipe_diff", "library_version"]
+           "recipe_diff", "library_version", "file_mode",
+           "prune_finished", "link_in_place"]
 
 CKPT_DIR = "checkpoints"
 _NAME = re.compile(r"^ckpt-(\d+)\.(pt|safetensors)$")
 # recipe keys that do not change what a run computes: a resumed run may change them
-_BOOKKEEPING = ("description", "source", "expected", "checkpoint_every", "keep_last", "cache_images",
-                "deterministic")  # kernel choice only: a fast run may be resumed deterministically and back
+_BOOKKEEPING = ("description", "source", "expected", "checkpoint_every", "keep_last", "keep_checkpoints",
+                "cache_images", "deterministic")  # kernel choice only: a fast run may be resumed deterministically and back
+
+
+_PROC_STATUS = "/proc/self/status"
+
+
+def file_mode() -> int:
+    "The mode `open()` gives a new file: 0o666 less the process umask (0644 under umask 022, 0640 under 027)."
+    try:  # Linux >= 4.7 shows the umask without changing it
+        with open(_PROC_STATUS) as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o077)  # elsewhere: set it and put it back; 0o077 meanwhile, so never looser
+        os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -53,6 +68,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(tmp)
     try:
         write(tmp)
+        # mkstemp creates 0600 (and safetensors >= 0.8 renames its own 0600 temp over ours): give the file the
+        # mode open() would, so a colleague in the group can read the run folder and its exports (issue 22)
+        os.chmod(tmp, file_mode())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -303,6 +321,36 @@ def resume_or_restart(run_dir: str | Path) -> bool:
         print(f"fastlearn: {run_dir} has no checkpoint yet (the run stopped before its first one): starting it from "
               f"the beginning", flush=True)
     return False
+
+
+def prune_finished(run_dir: str | Path, keep: tuple[str, ...] = ()) -> list[Path]:
+    """A finished run's checkpoints folder down to what a resume or an inspection of the run reads: the `latest`
+    pointer and the checkpoint it names (weights and state). The rest goes: the older checkpoints `keep_last` kept,
+    the best by validation loss, step checkpoints, temp files a crash left; files named in `keep` stay too.
+    Returns the paths deleted (none when no checkpoint was written)."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return []
+    stay = {"latest", latest.name, latest.with_suffix(".safetensors").name, *keep}
+    gone = [p for p in sorted(_ckpt_dir(run_dir).iterdir()) if p.name not in stay and p.is_file()]
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
+
+
+def link_in_place(src: str | Path, dst: str | Path) -> bool:
+    """Make `dst` a hard link to `src` (same bytes, stored once), atomically; False, `dst` untouched, where the
+    filesystem has no hard links. Safe because every writer here replaces files (`atomic_write`), never edits one."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+        return True
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return False
 
 
 # -- callbacks --------------------------------------------------------------------------------

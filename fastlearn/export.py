@@ -22,6 +22,7 @@ with the PyTorch model; the largest absolute difference of the logits is returne
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +148,9 @@ def export_timm(model: torch.nn.Module, card: dict, folder: str | Path) -> Expor
     extra = {k: card.get(k) for k in ("multi_label", "threshold", "resize", "fastlearn_version")}
     save_for_hf(model, str(folder), model_config={"label_names": list(card["classes"]), "fastlearn": extra},
                 safe_serialization=True, data_config=data)
+    from .checkpoint import file_mode
+    for name in ("model.safetensors", "config.json"):  # safetensors >= 0.8 writes 0600 whatever the umask
+        os.chmod(folder / name, file_mode())           # (safetensors #782): the mode open() gives, as for the rest
     cfg = json.loads((folder / "config.json").read_text())
     weights = folder / "model.safetensors"
     loaded = timm.create_model(cfg["architecture"], pretrained=True, num_classes=cfg["num_classes"],

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from fastai.callback.core import Callback, CancelFitException, CancelValidException
 
-__all__ = ["lr_find", "LRFindResult", "suggest_lrs", "suggest", "SUGGESTERS", "LRSweep", "learner_snapshot"]
+__all__ = ["lr_find", "LRFindResult", "suggest_lrs", "start_note", "lr_plot_ylim", "suggest", "SUGGESTERS", "LRSweep", "learner_snapshot"]
 
 
 @dataclass
@@ -31,6 +31,7 @@ class LRFindResult:
     lr_min_loss: float = float("nan")         # LR at the lowest smoothed loss
     diverged: bool = False                    # the sweep stopped because the loss blew up
     plot: Path | None = None
+    note: str = ""                            # why start == peak, when it is (`start_note`)
 
     def __iter__(self):  # `peak, start = learn.find_lr()`
         return iter((self.peak, self.start))
@@ -55,16 +56,30 @@ def suggest_lrs(lrs, losses, improve: float = 0.02) -> tuple[float, float, float
     stays `improve` (relative) below the plateau before the descent. The first 5% of points are never taken
     as the minimum (the smoothed loss is still raw there). Pure, tested on synthetic noisy curves.
     """
-    lrs, losses = np.asarray(lrs, float), np.asarray(losses, float)
-    if len(lrs) != len(losses) or len(lrs) < 6:
-        raise ValueError(f"need at least 6 (lr, loss) points of equal length, got {len(lrs)} and {len(losses)}")
+    return _suggest(lrs, losses, improve)[:4]
+
+
+def start_note(lrs, losses, improve: float = 0.02) -> str:
+    "Why `suggest_lrs` gives start == peak, in one line ('' when start is below peak)."
+    return _suggest(lrs, losses, improve)[4]
+
+
+def _blowup_cut(losses: np.ndarray) -> tuple[int, bool]:
+    """Where a sweep's useful part ends: at the first non-finite (or non-positive) loss, or the first above 4x the
+    lowest so far; and whether the loss blew up."""
     finite = np.isfinite(losses) & (losses > 0)
     cut = int(np.argmin(finite)) if not finite.all() else len(losses)
     run_min = np.minimum.accumulate(np.where(finite, losses, np.inf))
     blown = np.nonzero(losses[:cut] > 4 * run_min[:cut])[0]
-    diverged = cut < len(losses) or len(blown) > 0
-    if len(blown):
-        cut = int(blown[0])
+    return (int(blown[0]) if len(blown) else cut), cut < len(losses) or len(blown) > 0
+
+
+def _suggest(lrs, losses, improve: float) -> tuple[float, float, float, bool, str]:
+    "suggest_lrs's (peak, start, lr_at_min, diverged) and start_note's line."
+    lrs, losses = np.asarray(lrs, float), np.asarray(losses, float)
+    if len(lrs) != len(losses) or len(lrs) < 6:
+        raise ValueError(f"need at least 6 (lr, loss) points of equal length, got {len(lrs)} and {len(losses)}")
+    cut, diverged = _blowup_cut(losses)
     if cut < 6:
         raise ValueError("the loss diverged within the first 5 steps of the sweep; lower start_lr")
     x, y = np.log10(lrs[:cut]), np.log(losses[:cut])
@@ -74,7 +89,8 @@ def suggest_lrs(lrs, losses, improve: float = 0.02) -> tuple[float, float, float
     slope = _slopes(x, y, w=max(2, cut // 20))
     region = np.full(i_min + 1, np.nan)
     region[skip:] = slope[skip: i_min + 1]
-    if i_min - skip < 3 or not np.isfinite(region).any() or np.nanmin(region) >= 0:
+    descent = not (i_min - skip < 3 or not np.isfinite(region).any() or np.nanmin(region) >= 0)
+    if not descent:
         peak, i_steep = lr_at_min / 10, skip  # no descent seen: an order of magnitude below the minimum (Smith)
     else:
         i_steep = j = int(np.nanargmin(region))
@@ -85,7 +101,16 @@ def suggest_lrs(lrs, losses, improve: float = 0.02) -> tuple[float, float, float
     level = float(np.median(y[: i_steep + 1]))
     above = np.nonzero(y[: i_min + 1] >= level + math.log(1 - improve))[0]
     start = float(lrs[min(above[-1] + 1, i_min)]) if len(above) else float(lrs[0])
-    return peak, min(start, peak), lr_at_min, diverged
+    note = ""
+    if start >= peak:  # start is never above peak: it is set to peak
+        where = (f"the loss first stays {improve:.0%} below its plateau at {start:.2e}" if len(above) else
+                 f"the loss is {improve:.0%} below its plateau from the first LR, {start:.2e}")
+        cap = f", capped at a third of the LR of the lowest loss, {lr_at_min:.2e}" if peak == lr_at_min / 3 else ""
+        note = (f"start = peak: the sweep saw no descent before its lowest loss (at {lr_at_min:.2e}), so peak is a "
+                f"tenth of that LR, and {where}, not below it; start is never above peak" if not descent else
+                f"start = peak: {where}, not below peak ({peak:.2e}{cap}), and start is never above peak: in this "
+                f"sweep the loss falls late and steeply")
+    return peak, min(start, peak), lr_at_min, diverged, note
 
 
 SUGGESTERS = ("peak", "valley", "slide", "steep", "minimum")
@@ -221,32 +246,61 @@ def lr_find(learn, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 1
     if len(sweep.losses) < 6:
         raise ValueError(f"the LR sweep ran only {len(sweep.losses)} steps; it needs >= 6 "
                          f"(more training batches, or a lower start_lr if the loss blew up at once)")
-    peak, start, at_min, diverged = suggest_lrs(sweep.lrs, sweep.losses)
-    res = LRFindResult(peak, start, sweep.lrs, sweep.losses, at_min, diverged)
+    peak, start, at_min, diverged, note = _suggest(sweep.lrs, sweep.losses, 0.02)
+    res = LRFindResult(peak, start, sweep.lrs, sweep.losses, at_min, diverged, note=note)
     if plot is not None:
         res.plot = plot_lr_find(res, plot)
     return res
 
 
+def lr_plot_ylim(losses, margin: float = 0.1) -> tuple[float, float] | None:
+    """y-limits of the LR plot: the smoothed loss before the blow-up (cut where `suggest_lrs` cuts it), from its lowest
+    value to its starting level (the highest of its first 5% of points, as noisy as the raw loss), widened by `margin`
+    of that span each side (not below 0). The blow-up runs off the top: scaled to it, the descent is a flat line.
+    None when no point comes before the blow-up."""
+    losses = np.asarray(losses, float)
+    cut, _ = _blowup_cut(losses)
+    if cut == 0:
+        return None
+    lo, top = float(losses[:cut].min()), float(losses[: max(1, cut // 20) + 1].max())
+    span = (top - lo) if top > lo else (0.1 * top or 1.0)
+    return max(0.0, lo - margin * span), top + margin * span
+
+
 def plot_lr_find(res: LRFindResult, path: str | Path) -> Path:
-    "Save loss vs LR (log scale) with the peak and start suggestions marked."
-    from matplotlib.figure import Figure  # no pyplot: never switches the user's (notebook's) backend
+    """Save loss vs LR (log scale) with the start and peak suggestions marked, y-limits from `lr_plot_ylim`.
+
+    Like fastai's `Recorder.plot_lr_find` (one colour per suggestion, a legend), except that fastai scales the y
+    axis to the whole sweep, blow-up included, less its last 5 points; and the two marks sit on either side of the
+    curve (start below, peak above, in points), so they stay apart when the LRs are equal or close."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    fig = _lr_find_figure(res)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def _lr_find_figure(res: LRFindResult):
+    from matplotlib.figure import Figure  # no pyplot: never switches the user's (notebook's) backend
+    from matplotlib.transforms import offset_copy
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     ax.plot(res.lrs, res.losses, color="C0", label="smoothed training loss")
-    for lr, name, c in ((res.peak, "peak", "C3"), (res.start, "start", "C2")):
+    same = res.start == res.peak
+    marks = ((res.start, "start" + (" = peak" if same else ""), "the loss starts to fall", "C2", "^", -9, ":"),
+             (res.peak, "peak", "one-cycle lr_max", "C3", "v", 9, "--"))
+    for lr, name, what, c, marker, dy, ls in marks:
         y = float(np.interp(math.log10(lr), np.log10(res.lrs), res.losses))
-        ax.plot([lr], [y], "o", color=c, label=f"{name} = {lr:.2e}")
+        ax.axvline(lr, color=c, lw=0.8, ls=ls)
+        ax.plot([lr], [y], marker, color=c, ms=9, mec="black", mew=0.6, clip_on=False,
+                transform=offset_copy(ax.transData, fig=fig, y=dy, units="points"), label=f"{name} {lr:.2e} ({what})")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (log)")
-    ax.set_ylabel("loss")
-    finite = [v for v in res.losses if math.isfinite(v)]
-    if finite:
-        ax.set_ylim(min(finite) * 0.9, min(max(finite), 4 * min(finite)) * 1.1)
-    ax.legend()
+    ax.set_ylabel("smoothed loss (lowest to starting level)")
+    ylim = lr_plot_ylim(res.losses)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.legend(loc="best")
     ax.set_title("LR range test")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
+    return fig

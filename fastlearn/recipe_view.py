@@ -60,16 +60,24 @@ def recipe_list(width: int = 80) -> str:
 
 
 def _field_comments() -> dict[str, str]:
-    "The comment beside each key in `Recipe`'s source (its unit or meaning); {} when the source is not shipped."
+    """The comment beside each key in `Recipe`'s source (its unit or meaning), whole: comment-only lines indented
+    deeper than the keys continue the key above; {} when the source is not shipped."""
     try:
         src = inspect.getsource(Recipe)
     except (OSError, TypeError):
         return {}
-    found = {}
+    found: dict[str, str] = {}
+    key, indent = None, 0
     for line in src.splitlines():
-        m = re.match(r"\s+(\w+): [^#]+?#\s*(.+)$", line)
+        m = re.match(r"(\s+)(\w+): [^#]+?#\s*(.+)$", line)
+        more = re.match(r"(\s+)#\s*(.+)$", line)
         if m:
-            found[m.group(1)] = m.group(2).strip()
+            key, indent = m.group(2), len(m.group(1))
+            found[key] = m.group(3).strip()
+        elif more and key is not None and len(more.group(1)) > indent:
+            found[key] += " " + more.group(2).strip()
+        else:  # a key without a comment, a section heading, a blank line or a method: nothing continues
+            key = None
     return found
 
 
@@ -93,11 +101,11 @@ def recipe_text(name_or_path: str | Path | Recipe, width: int = 80) -> str:
     comments = _field_comments()
     for f in fields(r):
         v = getattr(r, f.name)
+        note = comments.get(f.name)
         if isinstance(v, str) and len(f"{f.name} = {_toml_value(v)}") > width:
-            out += _long_string(f.name, v, width)
+            out += (_wrap(note, width, "# ", "# ") if note else []) + _long_string(f.name, v, width)  # meaning above
             continue
         line = f"{f.name} = {_toml_value(v)}" if v is not None else f"# {f.name} = (unset)"
-        note = comments.get(f.name)
         if not note:
             out.append(line)
             continue

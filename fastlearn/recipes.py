@@ -117,7 +117,7 @@ class Recipe:
     deterministic: bool | None = None   # None = auto: on for CPU (bitwise-exact resume), off on CUDA (cuDNN autotuner)
     # -- run bookkeeping
     checkpoint_every: int = 1           # epochs between checkpoints (0 = only at the end)
-    keep_last: int = 2                  # checkpoints kept besides the best
+    keep_last: int = 2                  # checkpoints kept besides the best while the run trains
     keep_checkpoints: bool = False      # keep every checkpoint once the run has finished; false: only the last one
                                         # stays (resume, inspection), the kept weights being model.safetensors
     loggers: tuple[str, ...] = ()       # experiment loggers besides metrics.csv: "tensorboard", "mlflow", "wandb"

@@ -324,6 +324,8 @@ def _run_recipe(learn, r: Recipe, run_dir: Path, resume: bool = False, checkpoin
         peak = broadcast_object(found.peak)
         if main:
             print(f"lr_find: peak {found.peak:.2e}, start {found.start:.2e}", flush=True)
+            if found.note:  # start == peak: why (lr_finder.start_note)
+                print(f"lr_find: {found.note}", flush=True)
     else:  # a recipe's fixed LR is for `lr_ref_bs` images per step: scale to this run's global batch
         peak = scale_lr(peak, global_batch_size(r.bs, r.grad_accum), r.lr_ref_bs, r.lr_scale_rule)
     if ft_peak is None:
@@ -398,6 +400,8 @@ def _run_recipe(learn, r: Recipe, run_dir: Path, resume: bool = False, checkpoin
                        timings=timings, probe_accuracy=probe, kept=kept, ft_peak_lr=ft_peak)
     if main:
         _write_outputs(learn, result, trace, log)
+        if not r.keep_checkpoints:  # finished and written: an interrupted or failed run never gets here
+            _prune_checkpoints(run_dir, keep, kept)
         from .progress import summary_table
         summary_table(stages, title=f"{r.name}: {strategy}, accuracy {acc:.4f} in {result.seconds:.0f}s")
         if kept and kept["stage"] != "final":
@@ -535,6 +539,18 @@ def _write_outputs(learn, res: RunResult, trace: HyperTrace, log: MetricsLog) ->
     write_model_card(learn, d, res.recipe)
     from .interpret import interpret_run  # issue 13: confusion_matrix.png, top_losses.png, per_class in summary.json
     interpret_run(learn, d, res.recipe)
+
+
+def _prune_checkpoints(run_dir: Path, keep, kept: dict | None) -> None:
+    """A finished run's checkpoints: the last one stays (a resume or an inspection reads it), the others go (issue 22).
+    keep-best's copy of a stage end's weights, when the run kept that stage, holds what model.safetensors holds: it
+    becomes a hard link to it (stored once; a resume still finds it). When the run kept its own end, that copy lost."""
+    from .checkpoint import link_in_place, prune_finished
+    stay: tuple[str, ...] = ()
+    if keep is not None and keep.path is not None and keep.path.exists() and kept and kept["stage"] != "final":
+        link_in_place(run_dir / "model.safetensors", keep.path)  # no hard links there: the copy stays as it is
+        stay = (keep.path.name,)
+    prune_finished(run_dir, keep=stay)
 
 
 def _epoch_end_steps(trace_rows: list[dict], epoch_rows: list[dict]) -> list[float]:

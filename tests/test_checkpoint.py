@@ -73,7 +73,7 @@ def test_rng_state_round_trip_restores_every_stream():
 
 def test_recipe_diff_names_changed_keys_and_ignores_bookkeeping():
     a = Recipe(**SMALL).to_dict()
-    b = Recipe(**{**SMALL, "lr": 2e-3, "keep_last": 5, "description": "x"}).to_dict()
+    b = Recipe(**{**SMALL, "lr": 2e-3, "keep_last": 5, "keep_checkpoints": True, "description": "x"}).to_dict()
     assert recipe_diff(a, b) == ["lr: 0.001 -> 0.002"]
     assert recipe_diff(a, {**a, "moms": [0.95, 0.85]}) == []  # a TOML/torch round trip turns tuples into lists
 
@@ -104,6 +104,49 @@ def test_checkpointer_writes_loadable_plain_state_and_prunes(tmp_path):
     assert st["recipe"]["arch"] == "test_resnet" and st["optimizer"]["state"]
     assert _same_weights(_weights(d / "ckpt-12.safetensors"),
                          {k: v.detach().cpu() for k, v in learn.model.state_dict().items()})
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_atomic_writes_honour_the_umask(tmp_path, monkeypatch, umask, mode):
+    "Issue 22: mkstemp's 0600 made run folders unreadable to colleagues; files get what open() would give."
+    old = os.umask(umask)
+    try:
+        assert ckmod.file_mode() == mode
+        monkeypatch.setattr(ckmod, "_PROC_STATUS", str(tmp_path / "no-proc"))  # no /proc: set the umask and put it back
+        assert ckmod.file_mode() == mode and os.umask(umask) == umask
+        monkeypatch.undo()
+        ckmod.atomic_write(tmp_path / "a.txt", lambda tmp: tmp.write_text("x"))
+        ckmod.atomic_write(tmp_path / "s.pt", lambda tmp: torch.save({"a": 1}, tmp))
+        ckmod.save_weights(torch.nn.Linear(2, 2), tmp_path / "w.safetensors")  # safetensors >= 0.8 writes 0600 itself
+    finally:
+        os.umask(old)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == \
+        {n: oct(mode) for n in ("a.txt", "s.pt", "w.safetensors")}
+
+
+def test_prune_finished_keeps_the_latest_checkpoint(tmp_path):
+    d = tmp_path / "checkpoints"
+    d.mkdir()
+    for s in (4, 9, 12):
+        (d / f"ckpt-{s}.pt").write_bytes(b"state")
+        (d / f"ckpt-{s}.safetensors").write_bytes(b"weights")
+    (d / "kept.safetensors").write_bytes(b"kept")
+    (d / ".ckpt-13.pt.ab12.tmp").write_bytes(b"partial")
+    (d / "latest").write_text("ckpt-9\n")                        # the pointer decides, not the highest number
+    gone = ckmod.prune_finished(tmp_path, keep=("kept.safetensors",))
+    assert sorted(p.name for p in d.iterdir()) == ["ckpt-9.pt", "ckpt-9.safetensors", "kept.safetensors", "latest"]
+    assert sorted(p.name for p in gone) == [".ckpt-13.pt.ab12.tmp", "ckpt-12.pt", "ckpt-12.safetensors", "ckpt-4.pt",
+                                            "ckpt-4.safetensors"]
+    assert ckmod.prune_finished(tmp_path / "no-run") == []      # nothing written: nothing to do
+
+
+def test_link_in_place_stores_the_bytes_once(tmp_path):
+    a, b = tmp_path / "model.safetensors", tmp_path / "kept.safetensors"
+    a.write_bytes(b"same")
+    b.write_bytes(b"same")
+    assert ckmod.link_in_place(a, b) and os.path.samefile(a, b) and not list(tmp_path.glob(".*"))
+    ckmod.atomic_write(a, lambda tmp: tmp.write_bytes(b"new"))  # writers replace files: the link never changes b
+    assert b.read_bytes() == b"same"
 
 
 def test_resume_state_refuses_other_recipe_and_version(tmp_path, monkeypatch):

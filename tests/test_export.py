@@ -100,6 +100,23 @@ def test_cli_export_prints_the_difference(trained_run, tmp_path, capsys):
     assert "not a fastlearn run folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("format", ["onnx", "torchscript", "timm"])
+@pytest.mark.filterwarnings("ignore:.*torch.jit.load.* is deprecated")
+def test_exports_honour_the_umask(trained_run, tmp_path, format):
+    "Issue 22: exports were written 0600 (mkstemp, and safetensors >= 0.8's own temp file for the timm folder)."
+    import os
+    if format == "onnx":
+        for m in ("onnx", "onnxruntime", "onnxscript"):
+            pytest.importorskip(m)
+    old = os.umask(0o027)
+    try:
+        res = export_run(trained_run[2], format, tmp_path / "out")
+    finally:
+        os.umask(old)
+    files = [res.path] if res.path.is_file() else sorted(p for p in res.path.rglob("*") if p.is_file())
+    assert files and {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: "0o640" for p in files}
+
+
 def test_cli_export_help(capsys):
     with pytest.raises(SystemExit) as e:
         main(["export", "--help"])

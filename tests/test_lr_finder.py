@@ -178,3 +178,65 @@ def test_default_ft_lr_rule_lands_in_the_measured_good_range(path):
     assert lo <= ft <= hi, f"{path.stem}: rule gives {ft:.2e}, measured good range {lo:.2e}..{hi:.2e}"
     # the rule this replaced (the sweep's divergence-side peak, used as is) lands far outside it
     assert suggest(d["lrs"], d["losses"], "peak") > 3 * hi
+
+
+# -- the plot shows the region that matters; start == peak says why (issue 22) ------------------------------------
+
+def test_plot_ylim_is_the_loss_before_the_blow_up():
+    from fastlearn.lr_finder import lr_plot_ylim
+    lrs = np.geomspace(1e-6, 10, 100)
+    losses = synthetic_curve(lrs)                              # plateau 2.3, lowest ~0.5, then blows up to ~1e6
+    cut = next(i for i in range(len(losses)) if losses[i] > 4 * losses[: i + 1].min())
+    lo, top = losses[:cut].min(), losses[: cut // 20 + 1].max()
+    assert lr_plot_ylim(losses) == pytest.approx((lo - 0.1 * (top - lo), top + 0.1 * (top - lo)))
+    assert lr_plot_ylim(losses)[1] < 2.6 and losses.max() > 1e3  # the descent fills the plot, the blow-up runs off it
+    assert lr_plot_ylim(losses, margin=0.5)[0] == 0.0          # never below 0
+    flat = np.full(20, 2.0)
+    assert lr_plot_ylim(flat) == pytest.approx((1.98, 2.02))   # no span: a tenth of the level, 10% of it each side
+    assert lr_plot_ylim([np.nan] * 8) is None
+
+
+def _two_marks(fig):
+    ax = fig.axes[0]
+    marks = [ln for ln in ax.get_lines() if ln.get_marker() not in ("None", "", None) and len(ln.get_xdata()) == 1]
+    where = [ln.get_transform().transform((ln.get_xdata()[0], ln.get_ydata()[0])) for ln in marks]
+    return marks, where
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_plot_marks_start_and_peak_apart_and_in_the_legend(same):
+    from fastlearn.lr_finder import LRFindResult, _lr_find_figure, lr_plot_ylim
+    lrs = np.geomspace(1e-6, 10, 100)
+    losses = synthetic_curve(lrs)
+    res = LRFindResult(peak=3e-2, start=3e-2 if same else 2.9e-2, lrs=list(lrs), losses=list(losses))
+    fig = _lr_find_figure(res)
+    fig.canvas.draw()
+    (start, peak), (a, b) = _two_marks(fig)
+    assert start.get_marker() != peak.get_marker() and start.get_color() != peak.get_color()
+    assert abs(a[1] - b[1]) >= 15 * fig.dpi / 72               # at least 15 points apart, even at the same LR
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert any(t.startswith("start = peak 3.00e-02" if same else "start 2.90e-02") for t in labels)
+    assert any(t.startswith("peak 3.00e-02") for t in labels)
+    assert fig.axes[0].get_ylim() == pytest.approx(lr_plot_ylim(losses))
+
+
+def test_start_note_says_why_start_equals_peak():
+    from fastlearn.lr_finder import start_note
+    lrs = np.geomspace(1e-6, 10, 100)
+    assert start_note(lrs, synthetic_curve(lrs)) == ""                 # start below peak: nothing to explain
+    x = np.log10(lrs)                                                  # flat, then a short steep fall just below
+    late = 2.3 - 1.8 / (1 + np.exp(-(x - np.log10(0.2)) * 30)) + 0.5 * np.exp(np.clip((x - np.log10(0.3)) * 6, -50, 50))
+    peak, start, at_min, _ = suggest_lrs(lrs, late)                    # the blow-up at 0.3
+    assert start == peak == pytest.approx(at_min / 3)
+    assert start_note(lrs, late) == (f"start = peak: the loss first stays 2% below its plateau at 1.71e-01, not below "
+                                     f"peak ({peak:.2e}, capped at a third of the LR of the lowest loss, {at_min:.2e}), "
+                                     f"and start is never above peak: in this sweep the loss falls late and steeply")
+    rising = np.full(50, 2.0) + np.linspace(0, 1e-3, 50)               # no descent at all
+    lrs50 = np.geomspace(1e-6, 1, 50)
+    assert start_note(lrs50, rising).startswith("start = peak: the sweep saw no descent before its lowest loss (at ")
+
+
+def test_lr_find_result_carries_the_note(tmp_path):
+    from fastlearn.lr_finder import start_note
+    res = lr_find(tiny_learner(), num_it=40, plot=tmp_path / "lr.png")
+    assert res.note == start_note(res.lrs, res.losses) and (res.note != "") == (res.start == res.peak)

@@ -34,6 +34,13 @@ def test_extends_inherits_and_overrides():
     assert (rn18.arch, rn18.epochs, rn18.lr, rn18.label_smoothing) == ("resnet18", 16, 0.5, 0.1)
 
 
+def test_keep_checkpoints_is_off_by_default_and_set_like_any_key():
+    "Issue 22: a finished run prunes its checkpoints unless the recipe keeps them all."
+    assert load_recipe("transfer").keep_checkpoints is False
+    assert load_recipe("transfer", ["keep_checkpoints=true"]).keep_checkpoints is True
+    assert "keep_checkpoints = false" in load_recipe("transfer").to_toml()
+
+
 def test_overrides_from_code_and_command_line():
     r = load_recipe("digits", ["lr=3e-3", "epochs=5", "moms=[0.9, 0.8]", "flip=true", "drop_rate=none"])
     assert (r.lr, r.epochs, r.moms, r.flip, r.drop_rate) == (3e-3, 5, (0.9, 0.8), True, None)
@@ -54,6 +61,7 @@ def test_overrides_from_code_and_command_line():
     ({"strategy": "yolo"}, ["'strategy'", "linear_probe"]),
     ({"loss": "focal", "label_smoothing": 0.1}, ["'focal'", "label_smoothing"]),
     ({"loss": "hinge"}, ["'loss'", "'weighted_ce'"]),
+    ({"keep_checkpoints": "yes"}, ["'keep_checkpoints' = 'yes' has the wrong type"]),
 ])
 def test_bad_values_name_the_key_value_and_choices(override, words):
     with pytest.raises(RecipeError) as e:

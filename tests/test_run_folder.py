@@ -1,5 +1,6 @@
 """The run folder describes its model (model.json), and load_run rebuilds it from safetensors alone."""
 import json
+import os
 import shutil
 
 import pytest
@@ -98,3 +99,19 @@ def test_inconsistent_cards_are_refused(trained_run, tmp_path):
         (d / MODEL_CARD).write_text(json.dumps(card))
         with pytest.raises(ValueError, match="no CUDA device; pass device='cpu'"):
             load_run(d, device="cuda")
+
+
+@pytest.mark.parametrize("umask, mode", [(0o027, 0o640), (0o022, 0o644)])
+def test_run_folder_files_honour_the_umask(tmp_path, umask, mode):
+    "Issue 22: model.safetensors, model.json, summary.json, data.json and the checkpoints were 0600."
+    from test_training import _tiny_run
+    old = os.umask(umask)
+    try:
+        res = _tiny_run(tmp_path / "run", lr=None, lr_find=True, keep_checkpoints=True)
+    finally:
+        os.umask(old)
+    files = {p.relative_to(res.run_dir).as_posix(): oct(p.stat().st_mode & 0o777)
+             for p in res.run_dir.rglob("*") if p.is_file()}
+    assert {"model.safetensors", "model.json", "summary.json", "data.json", "recipe.toml", "lr_find.png",
+            "checkpoints/latest", "checkpoints/kept.safetensors"} <= set(files)
+    assert files == dict.fromkeys(files, oct(mode))

@@ -1,6 +1,7 @@
 """Run orchestration: strategies as stage plans, run folders that never overwrite, outputs written."""
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -120,6 +121,11 @@ def test_keep_best_restores_the_head_when_fine_tuning_wrecks_it(image_folder, tm
     from safetensors.torch import load_file
     final, kept = load_file(str(tmp_path / "run/model.safetensors")), load_file(str(tmp_path / "run/checkpoints/kept.safetensors"))
     assert final.keys() == kept.keys() and all(torch.equal(final[k], kept[k]) for k in final)
+    # finished: the last checkpoint stays, and the kept copy is model.safetensors itself (a hard link, stored once)
+    from fastlearn.checkpoint import latest_checkpoint
+    last = latest_checkpoint(tmp_path / "run").stem
+    assert _names(tmp_path / "run") == [f"{last}.pt", f"{last}.safetensors", "kept.safetensors", "latest"]
+    assert os.path.samefile(tmp_path / "run/model.safetensors", tmp_path / "run/checkpoints/kept.safetensors")
 
 
 def test_resume_after_the_head_skips_the_feature_pass_and_is_exact(image_folder, tmp_path, feature_run, monkeypatch):
@@ -132,3 +138,79 @@ def test_resume_after_the_head_skips_the_feature_pass_and_is_exact(image_folder,
     a, b = load_file(str(res.run_dir / "model.safetensors")), load_file(str(feature_run.run_dir / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (res.run_dir / "trace.csv").read_text() == (feature_run.run_dir / "trace.csv").read_text()
+
+
+# -- a finished run keeps only the checkpoint a resume or an inspection reads (issue 22) -------------------------
+
+TINY = {"arch": "test_resnet", "pretrained": False, "lr": 1e-3, "lr_find": False, "size": 32, "bs": 16,
+        "augment": False, "strategy": "scratch", "epochs": 3, "keep_last": 2}
+
+
+def _tiny_run(run_dir, stop_at=None, prepare=None, **over):
+    "3 epochs x 4 batches on synthetic data; checkpoints every 3 steps and at epoch ends (steps 3, 4, 6, 8, 9, 12)."
+    from conftest import synthetic_dls
+    from fastai.torch_core import set_seed
+
+    from fastlearn.learner import transfer_learner
+    from fastlearn.recipes import Recipe
+    from fastlearn.training import run_recipe
+    set_seed(0, reproducible=True)
+    learn = transfer_learner(synthetic_dls(), "test_resnet", pretrained=False, progress=False)
+    if stop_at:
+        from test_checkpoint import StopAt
+        learn.add_cb(StopAt(stop_at))
+    if prepare:
+        prepare(learn)
+    return run_recipe(learn, Recipe(**{**TINY, **over}), run_dir=run_dir, checkpoint_steps=3)
+
+
+def _names(run_dir):
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+
+def _retained(run_dir) -> list[str]:
+    "What the Checkpointer keeps while a run trains: the last `keep_last` checkpoints and the best, and `latest`."
+    from fastlearn.checkpoint import latest_checkpoint, read_state
+    st = read_state(latest_checkpoint(run_dir))
+    steps = set(st["history"][-TINY["keep_last"]:]) | {st["best"][1]}
+    return sorted([f"ckpt-{s}.{ext}" for s in steps for ext in ("pt", "safetensors")] + ["latest"])
+
+
+def test_a_finished_run_keeps_only_its_last_checkpoint(tmp_path):
+    from fastlearn.checkpoint import resume_state
+    res = _tiny_run(tmp_path / "run")
+    assert res.kept["stage"] == "final"          # keep-best's copy held a stage end that lost to the end: gone too
+    assert _names(res.run_dir) == ["ckpt-12.pt", "ckpt-12.safetensors", "latest"]
+    st = resume_state(res.run_dir, res.recipe)   # the last checkpoint still loads, for a resume or a look
+    assert st.step == 12 and st.stage_done
+    everything = _tiny_run(tmp_path / "all", keep_checkpoints=True)
+    assert _names(everything.run_dir) == sorted(_retained(everything.run_dir) + ["kept.safetensors"])
+    assert len(_names(everything.run_dir)) >= 6  # at least two checkpoints and keep-best's copy
+
+
+@pytest.mark.parametrize("how", ["interrupted", "failed"])
+def test_an_interrupted_or_failed_run_deletes_no_checkpoint(tmp_path, monkeypatch, how):
+    import importlib
+    interpret = importlib.import_module("fastlearn.interpret")  # (the package's `interpret` is the function)
+    if how == "interrupted":
+        with pytest.raises(KeyboardInterrupt):
+            _tiny_run(tmp_path / "run", stop_at=10)  # in epoch 3: checkpoints at 8 and 9, and the best
+        assert _names(tmp_path / "run") == _retained(tmp_path / "run")
+    else:
+        def fail(*a, **k):
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(interpret, "interpret_run", fail)  # the run's last output fails
+        with pytest.raises(OSError, match="No space"):
+            _tiny_run(tmp_path / "run")
+        assert _names(tmp_path / "run") == sorted(_retained(tmp_path / "run") + ["kept.safetensors"])
+    assert len(_names(tmp_path / "run")) >= 5
+
+
+def test_the_run_says_why_start_equals_peak(tmp_path, capsys):
+    from fastlearn.lr_finder import LRFindResult
+    found = LRFindResult(peak=1e-3, start=1e-3, lrs=[1e-4, 1e-3], losses=[1.0, 0.9], note="start = peak: why")
+
+    def fake_sweep(learn):
+        learn.find_lr = lambda num_it, plot: found
+    _tiny_run(tmp_path / "run", prepare=fake_sweep, lr=None, lr_find=True, epochs=1)
+    assert "lr_find: peak 1.00e-03, start 1.00e-03\nlr_find: start = peak: why\n" in capsys.readouterr().out
