@@ -8,20 +8,42 @@ outputs, and `#| eval: false` cells are shown with a note that they were not run
 (`01_lr_finder_one_cycle.ipynb` -> `lr_finder_one_cycle.html`), so links between pages work in both sites.
 A notebook holding an error output fails the build. Quarto is the full site (`nbdev-docs`); this is the
 offline fallback, which is why it is ours and not nbdev's.
+
+Nothing on a page is fetched from outside the machine: MathJax 2.7 is copied from the `jupyter-server-mathjax`
+package into OUT_DIR/mathjax/ and loaded by a relative URL, and the lab template's CDN scripts (require.js,
+mermaid, the widget manager) are dropped: none of our outputs needs them (tools/check_docs.py verifies both).
 """
 from __future__ import annotations
 
 import html
 import re
+import shutil
 import sys
 from pathlib import Path
 
+import jupyter_server_mathjax
 import nbformat
+from jinja2 import DictLoader
 from nbconvert import HTMLExporter
 from nbconvert.preprocessors import TagRemovePreprocessor
 from nbdev.config import nbpath2html
 
 _DIRECTIVE = re.compile(r"^#\|\s*([\w-]+)\s*(?::\s*(.*))?$")
+MATHJAX_DIR = "mathjax"  # under OUT_DIR
+# MathJax 2.7 as jupyter-server-mathjax ships it: config TeX-AMS-MML_HTMLorMML-full, HTML-CSS output (there is
+# no CommonHTML) and only the STIX-Web fonts, so HTML-CSS is told to use those (its default, TeX, is missing:
+# it would fail to load fonts/TeX/fontdata.js and fall back to whatever fonts the reader's machine has)
+_MATHJAX_URL = f"{MATHJAX_DIR}/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full,Safe"
+_MATHJAX_FONTS = ('<script>window.MathJax = {"HTML-CSS": {availableFonts: ["STIX-Web"], preferredFont: "STIX-Web", '
+                  'webFont: "STIX-Web", imageFont: null}};</script>')
+# nbconvert's lab page without its CDN scripts: require.js and the widget manager (only for widget or
+# application/javascript outputs) and mermaid (only for mermaid diagrams) would be fetched from the network
+_OFFLINE_TEMPLATE = """{%- extends 'index.html.j2' -%}
+{%- block html_head_js_mathjax -%}""" + _MATHJAX_FONTS + """{{ super() }}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
+{%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+"""
 _NOT_RUN = ("*Not executed when these docs are built (it needs data, a GPU or several processes); "
             "the expected result is described around it.*")
 
@@ -77,6 +99,26 @@ def errors_in(nb: nbformat.NotebookNode) -> list[str]:
             for o in c.get("outputs", []) if o.get("output_type") == "error"]
 
 
+def copy_mathjax(out: Path) -> Path:
+    "Copy the MathJax files of `jupyter-server-mathjax` to `out`/mathjax (what the pages' relative URL loads)."
+    src = Path(jupyter_server_mathjax.__file__).parent / "static"
+    if not (src / "MathJax.js").is_file():
+        raise SystemExit(f"no MathJax.js in {src}; reinstall the docs extra: pip install -e \".[docs]\"")
+    dst = out / MATHJAX_DIR
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    return dst
+
+
+def exporter() -> HTMLExporter:
+    "nbconvert's lab template with MathJax from the site itself and no CDN script."
+    ex = HTMLExporter(template_name="lab", template_file="fastlearn_offline.html.j2",
+                      extra_loaders=[DictLoader({"fastlearn_offline.html.j2": _OFFLINE_TEMPLATE})],
+                      mathjax_url=_MATHJAX_URL, exclude_input_prompt=True, exclude_output_prompt=True)
+    ex.register_preprocessor(TagRemovePreprocessor(remove_input_tags={"remove_input"}), enabled=True)
+    return ex
+
+
 def _nav(pages: list[tuple[str, str]], current: str) -> str:
     links = " | ".join(f"<b>{html.escape(t)}</b>" if href == current else f'<a href="{href}">{html.escape(t)}</a>'
                        for href, t in pages)
@@ -94,12 +136,12 @@ def render(nb_dir: Path, out: Path) -> list[Path]:
     if broken:
         raise SystemExit(f"notebooks with errors, not rendered: {broken}")
     pages = [(nbpath2html(p).name, title_of(nb, p.stem)) for p, nb in nbs.items()]
-    exporter = HTMLExporter(template_name="lab", exclude_input_prompt=True, exclude_output_prompt=True)
-    exporter.register_preprocessor(TagRemovePreprocessor(remove_input_tags={"remove_input"}), enabled=True)
+    ex = exporter()
     out.mkdir(parents=True, exist_ok=True)
+    copy_mathjax(out)
     written = []
     for (p, nb), (href, title) in zip(nbs.items(), pages):
-        body, _ = exporter.from_notebook_node(prepare(nb), resources={"metadata": {"name": f"fastlearn: {title}"}})
+        body, _ = ex.from_notebook_node(prepare(nb), resources={"metadata": {"name": f"fastlearn: {title}"}})
         body = re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + _nav(pages, href), body, count=1)
         (out / href).write_text(body, encoding="utf-8")
         written.append(out / href)

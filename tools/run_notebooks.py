@@ -1,4 +1,5 @@
-"""Execute every notebook in nbs/ offline on CPU, as CI does, and fail if any cell raises.
+"""Execute every notebook in nbs/ offline on CPU and fail if any cell raises (CI does this through the docs build,
+`tools/build_docs.sh`, which executes the same notebooks once and renders them; this tool is for --save).
 
     python tools/run_notebooks.py           # run them (outputs are not written back)
     python tools/run_notebooks.py --save    # also store the fresh outputs in nbs/ (then nbdev-clean them)
