@@ -189,8 +189,8 @@ def _check_run_dir(run_dir: Path, resume: bool) -> None:
 
 
 def _report(res) -> None:
-    print(f"run folder: {res.run_dir}")
-    print(f"accuracy={res.accuracy:.4f} time={res.seconds:.1f}s strategy={res.strategy}")
+    "Where the run is; its result (accuracy, seconds, strategy) is the title of the table run_recipe just printed."
+    print(f"run folder: {res.run_dir}", flush=True)
 
 
 def _resume_command(a, run_dir) -> str:

@@ -104,7 +104,7 @@ class EpochProgress(Callback):
 
 # short headers for the run summary's long keys, so that its table fits 80 columns (a CI log, `| tee`)
 _HEADERS = {"trainable_groups": "groups", "peak_lr": "peak LR", "train_loss": "train loss",
-            "valid_loss": "valid loss", "seconds": "s"}
+            "valid_loss": "valid loss"}
 
 
 def _header(key: str) -> str:
@@ -116,21 +116,39 @@ def _cell(key: str, v) -> str:
     return f"{v:.1f}" if key == "seconds" and isinstance(v, (int, float)) else _fmt(v)
 
 
+def _fitted_widths(headers: list[str], cells: list[list[str]], avail: int) -> list[int]:
+    """Each column's width in a table `avail` characters wide: its header on one line where that fits, else headers
+    wrapped between words, the columns that save the most first; never narrower than a value or a header word.
+    rich shrinks the widest columns first, whatever their words, so it would split `accuracy` to keep `peak LR`."""
+    need = [max([len(h)] + [len(c[j]) for c in cells]) for j, h in enumerate(headers)]
+    least = [max([len(w) for w in h.split()] + [len(c[j]) for c in cells]) for j, h in enumerate(headers)]
+    widths = list(need)
+    over = sum(widths) + 3 * len(widths) + 1 - avail  # rich's box: a border and two padding spaces per column
+    for j in sorted(range(len(widths)), key=lambda j: need[j] - least[j], reverse=True):
+        cut = max(0, min(over, need[j] - least[j]))
+        widths[j], over = widths[j] - cut, over - cut
+    return widths
+
+
 def summary_table(rows: Sequence[dict], title: str = "fastlearn run") -> str:
     "Render rows (dicts with the same keys) as a rich table; returns the text it printed."
     from rich.table import Table
     t = Table(title=title)
     keys = list(rows[0]) if rows else []
+    headers = [_header(k) for k in keys]
     cells = [[_cell(k, r[k]) for k in keys] for r in rows]
+    con = console()
+    widths = _fitted_widths(headers, cells, con.width)
     for j, k in enumerate(keys):
-        # values are never cut; headers wrap between words (rich splits a word only when no width is left for it)
-        t.add_column(_header(k), justify="right" if rows and isinstance(rows[0][k], (int, float)) else "left",
-                     min_width=max((len(c[j]) for c in cells), default=1), overflow="fold")
-    for c in cells:
-        t.add_row(*c)
-    c = console()
-    with c.capture() as cap:
-        c.print(t)
+        wrapped = widths[j] < len(headers[j])
+        # values are never cut; headers wrap between words (rich folds a word only where even that cannot fit)
+        t.add_column(headers[j], justify="right" if rows and isinstance(rows[0][k], (int, float)) else "left",
+                     min_width=max((len(row[j]) for row in cells), default=1), width=widths[j] if wrapped else None,
+                     overflow="fold")
+    for row in cells:
+        t.add_row(*row)
+    with con.capture() as cap:
+        con.print(t)
     text = cap.get()
     print(text, end="", flush=True)
     return text

@@ -240,6 +240,12 @@ def _run_recipe(learn, r: Recipe, run_dir: Path, resume: bool = False, checkpoin
     main = is_main_process()  # under DDP only rank 0 writes files and prints; all ranks train
     state = resume_state(run_dir, r) if resume else None
     t0 = time.perf_counter()
+    # the run's clock counts every process: a resumed run starts from the seconds its checkpoint recorded
+    before = _seconds_before(state) if state is not None else 0.0
+    stage_t0 = 0.0  # when the current stage started, on the run's clock
+
+    def elapsed() -> float:
+        return before + time.perf_counter() - t0
     timings: dict[str, float] = {}
     strategy, why = r.strategy, ""
     if state is not None:
@@ -256,7 +262,8 @@ def _run_recipe(learn, r: Recipe, run_dir: Path, resume: bool = False, checkpoin
     def extra_state() -> dict:
         return {"strategy": strategy, "why": why, "peak": peak, "ft_peak": ft_peak, "stages": stages,
                 "trace": trace.rows, "metrics": log.rows, "on_features": on_features, "probe": probe,
-                "kept": keep.state_dict() if keep else None, "timings": timings}
+                "kept": keep.state_dict() if keep else None, "timings": timings,
+                "seconds": elapsed(), "stage_t0": stage_t0}
     ckpt = Checkpointer(run_dir, r.checkpoint_every, r.keep_last, checkpoint_steps, recipe=r, extra_state=extra_state)
 
     def label_stage(name: str) -> None:  # the stage name in traces, metrics, guard messages and progress lines
@@ -298,6 +305,7 @@ def _run_recipe(learn, r: Recipe, run_dir: Path, resume: bool = False, checkpoin
         ckpt.load_history(state)
         peak, ft_peak, probe = state.extra["peak"], state.extra.get("ft_peak"), state.extra.get("probe")
         stages, timings = list(state.extra["stages"]), dict(state.extra.get("timings") or {})
+        stage_t0 = float(state.extra.get("stage_t0", before))
         trace.rows, log.rows = list(state.extra["trace"]), list(state.extra["metrics"])
         if keep is not None and state.extra.get("kept"):
             keep.load_state_dict(state.extra["kept"])
@@ -356,14 +364,15 @@ def _run_recipe(learn, r: Recipe, run_dir: Path, resume: bool = False, checkpoin
         # the head stage's peak is the sweep's; fine-tuning stages start at ft_peak, lower for each deeper one
         hi = _stage_peak(st, plan, peak, ft_peak)
         lr = slice(hi / r.lr_ratio, hi) if st.n_trainable > 1 else hi
-        ts = time.perf_counter()
+        if not (resume_cb and resume_cb[0].mid_stage):  # a stage resumed mid-way counts from its real start
+            stage_t0 = elapsed()
         learn.fit_stage(epochs, lr, r.div, r.final_div, r.pct_start, r.moms,
                         cbs=[trace, log, ckpt, guard, stop] + extra + resume_cb + list(cbs or []))
         vals = epoch_metrics(learn.recorder)
         ran = sum(1 for row in log.rows if row["stage"] == name)  # fewer than planned after early stopping
         stages.append({"stage": name, "trainable_groups": st.n_trainable, "epochs": ran,
                        "peak_lr": hi, **{k: float(v) for k, v in vals.items()},
-                       "seconds": round(time.perf_counter() - ts, 1)})
+                       "seconds": round(elapsed() - stage_t0, 1)})
         offer(name, *_first_metric(learn))
     swa = {}
     if r.swa_epochs:  # SWA after the last stage, at a constant LR, keeping the last stage's groups and LR ratio
@@ -394,19 +403,30 @@ def _run_recipe(learn, r: Recipe, run_dir: Path, resume: bool = False, checkpoin
             kept = {"stage": "final", "accuracy": final.score, "valid_loss": final.valid_loss,
                     "why": "the end of the run was the best on validation" if keep is not None else
                            "keep_best = false: the weights the run ended with"}
-    timings["total"] = time.perf_counter() - t0
+    timings["total"] = elapsed()
+    if before:
+        timings["before_resume"] = before
     acc = float(mets[0]) if mets else float("nan")
-    result = RunResult(run_dir, r, strategy, acc, float(valid_loss), time.perf_counter() - t0, peak, stages, why, swa,
+    result = RunResult(run_dir, r, strategy, acc, float(valid_loss), timings["total"], peak, stages, why, swa,
                        timings=timings, probe_accuracy=probe, kept=kept, ft_peak_lr=ft_peak)
     if main:
         _write_outputs(learn, result, trace, log)
         if not r.keep_checkpoints:  # finished and written: an interrupted or failed run never gets here
             _prune_checkpoints(run_dir, keep, kept)
         from .progress import summary_table
-        summary_table(stages, title=f"{r.name}: {strategy}, accuracy {acc:.4f} in {result.seconds:.0f}s")
+        resumed = f" ({before:.1f}s of it before the resume)" if before else ""
+        # the run's one result line (the command line adds only the run folder)
+        summary_table(stages, title=f"{r.name}: {strategy}, accuracy {acc:.4f} in {result.seconds:.1f}s{resumed}")
         if kept and kept["stage"] != "final":
             print(f"kept: {kept['why']}", flush=True)
     return result
+
+
+def _seconds_before(state) -> float:
+    "Seconds the run's earlier processes trained, as its checkpoint recorded them (older checkpoints: the epochs')."
+    if "seconds" in state.extra:
+        return float(state.extra["seconds"])
+    return float(sum(row.get("seconds", 0.0) for row in state.extra.get("metrics", [])))
 
 
 def _score_key(stage: dict) -> str:

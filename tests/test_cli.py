@@ -188,7 +188,10 @@ def test_train_and_lr_find_end_to_end(tmp_path, image_folder):
                   "arch=test_resnet", "pretrained=false", "size=32", "bs=8", "head_epochs=1", "unfreeze_epochs=1",
                   "epochs=1")
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "accuracy=" in out.stdout and out.stdout.count("\r") == 0
+    import re
+    assert out.stdout.count("\r") == 0
+    # the result, once: the summary table's title (issue 22: it was printed twice)
+    assert len(re.findall(r"accuracy \d\.\d{4} in \d+\.\ds", out.stdout)) == 1, out.stdout[-2000:]
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1
     for f in ("recipe.toml", "metrics.csv", "loss.png", "schedule.png", "lr_find.png", "model.safetensors"):

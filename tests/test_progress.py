@@ -41,7 +41,7 @@ def test_summary_table_never_cuts_a_value(monkeypatch, capsys):
     row = {"trial": 0, "state": "complete", "lr": 3.16e-3, "wd": 1.2e-4, "drop_rate": 0.2345, "accuracy": 0.9123,
            "seconds": 12.3}
     text = summary_table([row], title="search")
-    for v in ("complete", "0.0032", "1.20e-04", "0.2345", "0.9123", "12.3000"):
+    for v in ("complete", "0.0032", "1.20e-04", "0.2345", "0.9123", "12.3"):
         assert v in text, v                                      # headers may fold, values stay whole
     assert "…" not in text
 
@@ -73,3 +73,27 @@ def test_each_line_shows_its_own_epoch_time_and_the_stage_count_goes_on_after_a_
     lines = buf.getvalue().splitlines()
     assert [l.split(" train_loss")[0] for l in lines] == ["epoch 4/5", "epoch 5/5"]
     assert "(stage since resume " in lines[1]
+
+
+def _header_cells(text: str) -> list[str]:
+    "The headers of a rich table as printed: each column's header lines joined by a space (a folded word shows)."
+    rows = [line.strip().strip("┃").split("┃") for line in text.splitlines() if line.strip().startswith("┃")]
+    return [" ".join(r[j].strip() for r in rows if r[j].strip()) for j in range(len(rows[0]))]
+
+
+def test_run_summary_fits_80_columns_without_splitting_a_header(monkeypatch, capsys):
+    "The table every run ends with, as a pipe, a CI log or `| tee` shows it (80 columns): whole words, 0.1 s."
+    monkeypatch.delenv("COLUMNS", raising=False)                 # not a terminal (captured): 80 columns
+    stages = [{"stage": "head", "trainable_groups": 1, "epochs": 1, "peak_lr": 0.0215, "train_loss": 1.3719,
+               "valid_loss": 1.2516, "accuracy": 0.6694, "seconds": 11.94},
+              {"stage": "top4", "trainable_groups": 4, "epochs": 1, "peak_lr": 0.0107, "train_loss": 0.9173,
+               "valid_loss": 0.4051, "accuracy": 0.9417, "seconds": 120.7},
+              {"stage": "all", "trainable_groups": 7, "epochs": 2, "peak_lr": 5.37e-4, "train_loss": 0.3512,
+               "valid_loss": 0.1187, "accuracy": 0.975, "seconds": 26.8}]
+    text = summary_table(stages, title="digits: full, accuracy 0.9750 in 159.4s")
+    assert max(map(len, text.splitlines())) <= 80
+    assert _header_cells(text) == ["stage", "groups", "epochs", "peak LR", "train loss", "valid loss", "accuracy",
+                                  "seconds"]
+    assert "11.9" in text and "120.7" in text and "26.8 " in text   # seconds to 0.1 s
+    assert "26.8000" not in text and "11.9400" not in text
+    assert "0.9750" in text and "5.37e-04" in text                   # other numbers as before
