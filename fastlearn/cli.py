@@ -229,6 +229,8 @@ def _lr_find(a) -> int:
     res = learn.find_lr(num_it=a.num_it, plot=a.plot)
     print(f"peak lr (one-cycle lr_max): {res.peak:.3e}")
     print(f"start lr (loss first improves): {res.start:.3e}")
+    if res.note:  # start == peak: why
+        print(res.note)
     print(f"plot: {res.plot}")
     return 0
 

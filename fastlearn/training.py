@@ -415,8 +415,9 @@ def _run_recipe(learn, r: Recipe, run_dir: Path, resume: bool = False, checkpoin
             _prune_checkpoints(run_dir, keep, kept)
         from .progress import summary_table
         resumed = f" ({before:.1f}s of it before the resume)" if before else ""
-        # the run's one result line (the command line adds only the run folder)
-        summary_table(stages, title=f"{r.name}: {strategy}, accuracy {acc:.4f} in {result.seconds:.1f}s{resumed}")
+        summary_table(stages, title=f"{r.name}: {strategy}")
+        # the run's one result line, `key=value` so that scripts and CI read it (the command line adds the run folder)
+        print(f"accuracy={acc:.4f} time={result.seconds:.1f}s{resumed}", flush=True)
         if kept and kept["stage"] != "final":
             print(f"kept: {kept['why']}", flush=True)
     return result

@@ -93,8 +93,11 @@ def test_every_command_the_cli_and_readme_suggest_parses(capsys):
     from fastlearn.recipe_view import recipe_list
     hints = [c for s in _source_strings() for c in _commands_in(s)]
     hints += _commands_in(recipe_list(80))
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    hints += [c.split("  #")[0] for c in _commands_in(readme)]
+    import json
+    root = Path(__file__).resolve().parent.parent
+    guide = "".join("".join(c["source"]) for c in json.loads((root / "nbs" / "11_guide.ipynb").read_text())["cells"])
+    for text in ((root / "README.md").read_text(), guide):
+        hints += [c.split("  #")[0] for c in _commands_in(text)]
     assert len(hints) >= 20 and any(h.startswith("train X --data X") for h in hints)   # search's hint is found
     for cmd in hints:
         _parses(cmd)
@@ -190,8 +193,8 @@ def test_train_and_lr_find_end_to_end(tmp_path, image_folder):
     assert out.returncode == 0, out.stderr[-2000:]
     import re
     assert out.stdout.count("\r") == 0
-    # the result, once: the summary table's title (issue 22: it was printed twice)
-    assert len(re.findall(r"accuracy \d\.\d{4} in \d+\.\ds", out.stdout)) == 1, out.stdout[-2000:]
+    # the result, once, as key=value (issue 22: it was printed twice)
+    assert len(re.findall(r"accuracy=\d\.\d{4} time=\d+\.\ds", out.stdout)) == 1, out.stdout[-2000:]
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1
     for f in ("recipe.toml", "metrics.csv", "loss.png", "schedule.png", "lr_find.png", "model.safetensors"):

@@ -15,8 +15,11 @@ def readme_command(n: int) -> str:
 
 def test_ci_runs_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "**2. Install and run the tests**" in ci and 'bash -eo pipefail -c "$cmd"' in ci
-    assert "pytest" in readme_command(2)
+    assert "**1. Install and run the quickstart**" in ci and "**2. Install and run the tests**" in ci
+    assert ci.count('bash -eo pipefail -c "$cmd"') == 2 and "accuracy=" in ci
+    assert "pytest" in readme_command(2) and "build_docs.sh" in readme_command(2)
+    for n in (1, 2):  # each starts in its own fresh venv, as a newcomer's shell would
+        assert readme_command(n).startswith("python3 -m venv .venv && . .venv/bin/activate && pip install")
 
 
 def test_quickstart_command_names_a_real_recipe_and_sample():

@@ -126,10 +126,10 @@ def _finished(term: Terminal, stage_bar: str) -> str:
     text = term.text
     assert "Traceback" not in text and "Error" not in text, text[-3000:]
     assert re.search(stage_bar + r" [━╸╺ ]*\d+/12 loss \d+\.\d{4}", text), text[-3000:]  # the live bar, with a loss
-    results = list(re.finditer(r"accuracy \d\.\d{4} in \d+\.\ds", text))
+    results = list(re.finditer(r"accuracy=\d\.\d{4} time=\d+\.\ds", text))
     assert len(results) == 1, text[-3000:]                                           # the result, once
     assert "run folder: " in text
-    start = text.index("┏", results[0].end())                                        # the table under it
+    start = text.rindex("┏", 0, results[0].start())                                  # the table above it
     table = text[start:text.index("┘", start) + 1]
     assert max(len(l) for l in table.splitlines()) <= 80, table
     assert _header_cells(table) == ["stage", "groups", "epochs", "peak LR", "train loss", "valid loss", "accuracy",
@@ -153,7 +153,7 @@ def test_ctrl_c_mid_epoch_then_resume_in_a_terminal(tmp_path):
     term.expect(r"resuming \S+ from ckpt-\d+\.pt: stage 1/1 epoch 2/2 from batch \d+")
     text = _finished(term, "all epoch 2/2")
     # the run's seconds count both processes: the first one's, as its checkpoint recorded them, and this one's
-    total, earlier = map(float, re.search(r"accuracy \d\.\d{4} in (\d+\.\d)s \((\d+\.\d)s of it before the resume\)",
+    total, earlier = map(float, re.search(r"accuracy=\d\.\d{4} time=(\d+\.\d)s \((\d+\.\d)s of it before the resume\)",
                                           text).groups())
     assert earlier == round(before, 1) and total > before
     assert json.loads((run / "summary.json").read_text())["seconds"] >= before
