@@ -47,6 +47,16 @@ def wheel(source):
     return whl
 
 
+def _venv(path: Path, cwd) -> Path:
+    """A venv that sees this interpreter's packages (pip, setuptools, torch): `--system-site-packages` alone gives
+    the base interpreter's, which under a venv (README's commands make one) lack setuptools >= 64."""
+    import site
+    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", path], cwd)
+    own = path / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    (own / "_outer.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    return path
+
+
 def _imported_from(python, cwd, **env) -> Path:
     """The fastlearn package folder `python` would import, found without importing it (importing fastlearn means
     importing torch and fastai: seconds of CPU per process; the wheel test above runs the full command)."""
@@ -65,7 +75,7 @@ def test_wheel_holds_the_package_and_the_recipes(wheel):
 
 def test_wheel_in_a_fresh_venv_runs_fastlearn_recipes(wheel, tmp_path):
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], tmp_path)
+    _venv(venv, tmp_path)
     py, exe = venv / "bin" / "python", venv / "bin" / "fastlearn"
     _run([py, "-m", "pip", "install", "--no-deps", "-q", wheel], tmp_path)   # the pip of the interpreter it sees
     elsewhere = tmp_path / "elsewhere"
@@ -96,7 +106,7 @@ def test_user_install_puts_the_recipes_beside_the_package(wheel, tmp_path):
 def test_editable_install_imports_the_checkout(source, tmp_path):
     "An editable install imports the source folder, whose recipes/ every other test reads (recipes.recipe_dirs)."
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], tmp_path)
+    _venv(venv, tmp_path)
     _run([venv / "bin" / "python", "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q", "-e", source],
          tmp_path)
     assert _imported_from(venv / "bin" / "python", tmp_path) == source / "fastlearn"
