@@ -51,7 +51,7 @@ def suggest_lrs(lrs, losses, improve: float = 0.02) -> tuple[float, float, float
     """Suggested (peak, start, lr_at_min, diverged) from a range test's smoothed losses.
 
     The curve is cut where the loss becomes non-finite or exceeds 4x its minimum. peak: the end of the
-    steepest descent (where the windowed slope of log-loss vs log-LR is still at least half the
+    steepest part of the descent that reaches the minimum (where the windowed slope of log-loss vs log-LR is still at least half the
     steepest), never above lr_at_min / 3 so it stays clear of blow-up. start: the LR from which the loss
     stays `improve` (relative) below the plateau before the descent. The first 5% of points are never taken
     as the minimum (the smoothed loss is still raw there). Pure, tested on synthetic noisy curves.
@@ -93,7 +93,15 @@ def _suggest(lrs, losses, improve: float) -> tuple[float, float, float, bool, st
     if not descent:
         peak, i_steep = lr_at_min / 10, skip  # no descent seen: an order of magnitude below the minimum (Smith)
     else:
-        i_steep = j = int(np.nanargmin(region))
+        # the steepest point of the descent that reaches the minimum: walk back from it while the slope is
+        # negative. An earlier, separate dip (step noise with few sweep points, a random head's first drift) is
+        # not the descent the run should ride: taking it gave a peak 4 decades too low on a 20-point sweep
+        k = i_min
+        while k - 1 >= skip and region[k - 1] < 0:
+            k -= 1
+        final = region.copy()
+        final[:k] = np.nan
+        i_steep = j = int(np.nanargmin(final)) if np.nanmin(final) < 0 else int(np.nanargmin(region))
         while j + 1 <= i_min and region[j + 1] <= 0.5 * region[i_steep]:
             j += 1
         peak = float(min(lrs[j], lr_at_min / 3))

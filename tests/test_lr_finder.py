@@ -152,6 +152,18 @@ def test_early_noise_is_not_the_minimum_nor_the_start():
     assert 1e-3 <= start < peak <= at_min / 3 and peak >= 5e-3
 
 
+def test_an_early_dip_is_not_the_descent_to_ride():
+    """A short sweep (22 points) whose first points dip as much as the real descent does (read off a 48-px digits
+    sweep that picked 8e-6 and trained nothing): peak comes from the descent that reaches the minimum."""
+    lrs = np.logspace(-7, 0, 22)
+    losses = [2.428, 2.425, 2.404, 2.390, 2.366, 2.341, 2.345, 2.348, 2.355, 2.338, 2.340, 2.330, 2.322, 2.315,
+              2.295, 2.269, 2.292, 2.337, 2.331, 2.60, 3.5, 12.0]
+    peak, start, at_min, diverged = suggest_lrs(lrs, losses)
+    assert diverged and at_min == pytest.approx(1e-2, rel=0.1)
+    assert 1e-4 <= peak <= at_min / 3 + 1e-12, peak
+    assert start <= peak
+
+
 # -- the fine-tuning LR rule on real sweep curves (tests/fixtures/lr_curves, from bench/lr_calibration.py) --------
 
 CURVES = sorted((Path(__file__).parent / "fixtures" / "lr_curves").glob("*.json"))
