@@ -1,7 +1,9 @@
-"""What the user reads: the terminal test, the width to print in, and the shared rich console.
+"""What the user reads: `say` prints a run's lines (the plan, stage lines, warnings, the result) on the main
+process only; plus the terminal test, the width to print in, and the shared rich console.
 
 Kept free of torch and fastai so that the commands that only print (`fastlearn --help`, `--version`,
-`recipes`) start in well under a second.
+`recipes`) start in well under a second: the main process is read from torchrun's `RANK` (what
+`base.ranks.rank` reads before the process group is up, and what it reports after).
 """
 from __future__ import annotations
 
@@ -9,7 +11,18 @@ import os
 import sys
 from typing import IO
 
-__all__ = ["is_terminal", "console_width", "console"]
+__all__ = ["say", "is_main_rank", "is_terminal", "console_width", "console"]
+
+
+def is_main_rank() -> bool:
+    "True on the process that prints: rank 0 under torchrun, the only process otherwise."
+    return os.environ.get("RANK", "0") == "0"
+
+
+def say(text: str, stream: IO | None = None) -> None:
+    "Print one or more lines for the user, on the main process only, flushed (a log or `| tee` shows it at once)."
+    if is_main_rank():
+        print(text, file=stream or sys.stdout, flush=True)
 
 
 def is_terminal(stream: IO | None = None) -> bool:

@@ -12,7 +12,7 @@ from typing import IO, Sequence
 from . import fastai_quiet  # noqa: F401  (fastai first, with its one import-time warning silenced)
 from fastai.callback.core import Callback  # noqa: E402
 
-from .console import console, console_width, is_terminal
+from .console import console, console_width, is_terminal, say
 
 
 __all__ = ["EpochProgress", "summary_table", "is_terminal", "console", "console_width", "epoch_metrics"]
@@ -95,7 +95,7 @@ class EpochProgress(Callback):
         if self.epoch > 0:  # and the stage's so far, labelled (since the resume, for a resumed stage)
             timing += f" ({'stage since resume' if off else 'stage'} {now - self.t_fit:.1f}s)"
         line = f"{stage}epoch {self.epoch + 1 + off}/{total} " + " ".join(parts) + timing
-        print(line, file=self.stream or sys.stdout, flush=True)
+        say(line, self.stream)
 
     def after_fit(self):
         self._in_fit = False

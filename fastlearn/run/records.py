@@ -17,7 +17,7 @@ from fastai.callback.core import Callback
 from ..base.version import __version__
 from ..base.progress import epoch_metrics
 
-__all__ = ["HyperTrace", "MetricsLog", "new_run_dir", "environment", "plot_run", "score_key"]
+__all__ = ["HyperTrace", "MetricsLog", "new_run_dir", "environment", "plot_run", "score_key", "stage_row", "write_trace"]
 
 
 class HyperTrace(Callback):
@@ -178,3 +178,18 @@ def score_key(stage: dict) -> str:
     "The first metric's name in a stage row (after the losses)."
     return next((k for k in stage if k not in ("stage", "trainable_groups", "epochs", "peak_lr", "train_loss",
                                                "valid_loss", "seconds", "epoch")), "")
+
+
+def stage_row(name: str, trainable: int, epochs: int, peak: float, vals: dict, seconds: float) -> dict:
+    "A stage's row in the run summary (summary.json `stages`, the final table): its values in this column order."
+    return {"stage": name, "trainable_groups": trainable, "epochs": epochs, "peak_lr": peak, **vals, "seconds": seconds}
+
+
+def write_trace(rows: list[dict], path: Path) -> None:
+    "trace.csv: per optimizer step, the head's and the first group's LR, the momentum and the loss."
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "stage", "lr_head", "lr_first", "mom", "loss"])
+        for row in rows:
+            w.writerow([row["step"], row["stage"], row["lr"][-1], row["lr"][0],
+                        row["mom"][-1] if row["mom"] else "", row["loss"]])

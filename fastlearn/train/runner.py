@@ -6,38 +6,32 @@ the final weights (`model.safetensors`) and a summary (`summary.json`).
 """
 from __future__ import annotations
 
-import csv
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 
-from fastai.callback.core import Callback
-
-from ..base.progress import epoch_metrics, summary_table
+from ..base.console import say
+from ..base.progress import summary_table
 from ..base.ranks import broadcast_object, global_batch_size, is_main_process
-from ..core.recipes import load_recipe, Recipe
-from ..core.schedules import scale_lr, unfreeze_plan, UnfreezeStage
+from ..core.recipes import Recipe, load_recipe
+from ..core.schedules import UnfreezeStage, scale_lr
 from ..core.weights import save_weights
-from ..fit.guard import NonFiniteGuard
-from ..fit.keep import better, Candidate, KeepBest
 from ..fit.resize import ProgressiveResize
 from ..fit.swa import run_swa
 from ..run.card import write_model_card
-from ..run.checkpoint import Checkpointer, link_in_place, prune_finished, resume_or_restart, resume_state, ResumeAt
+from ..run.checkpoint import Checkpointer, link_in_place, prune_finished, resume_or_restart
 from ..run.fingerprint import record_data
 from ..run.interpret import interpret_run
+from ..run.records import HyperTrace, MetricsLog, environment, new_run_dir, plot_run, score_key, write_trace
 from ..run.runlock import run_lock
 from .compat import reconcile
-from .interrupt import interrupt_guard, StopOnSignal
+from .head import head_on_features
+from .interrupt import StopOnSignal, interrupt_guard
+from .plan import first_ft_mult, plan_text, stage_plan, with_lrs
 from .recipe_callbacks import recipe_callbacks
+from .state import RunState
 from .strategy import choose_strategy
-from ..base.progress import first_metric
-from ..run.records import HyperTrace, MetricsLog, environment, new_run_dir, plot_run, score_key
-from .head import head_on_features, use_feature_head
-from .plan import first_ft_mult, stage_name, stage_peak, stage_plan
-
 
 __all__ = ["run_recipe", "RunResult"]
 
@@ -59,24 +53,6 @@ class RunResult:
     probe_accuracy: float | None = None  # the head on frozen features' validation accuracy (a linear probe)
     kept: dict | None = None            # which weights the run ended with, and why (keep_best)
     ft_peak_lr: float | None = None     # peak LR of the first fine-tuning stage
-
-
-def _record_finished_stage(stages: list, rows: list, st, plan, peak, ft_peak, n_groups: int, offer) -> None:
-    """A resume from a stage-end checkpoint (stopped after the checkpoint, before the stage was recorded): its row in
-    `stages`, from the metrics log, and its keep-best offer (the restored model is that stage's end), as the
-    uninterrupted run made them."""
-    name = stage_name(st.n_trainable, n_groups)
-    if any(s["stage"] == name for s in stages):
-        return
-    mine = [row for row in rows if row["stage"] == name]
-    if not mine:
-        return
-    vals = {k: float(v) for k, v in mine[-1].items() if k not in ("stage", "epoch", "seconds")}
-    hi = stage_peak(st, plan, peak, ft_peak)
-    stages.append({"stage": name, "trainable_groups": st.n_trainable, "epochs": len(mine), "peak_lr": hi, **vals,
-                   "seconds": round(sum(row.get("seconds", 0.0) for row in mine), 1)})
-    metrics = [k for k in vals if k not in ("train_loss", "valid_loss")]
-    offer(name, vals.get("valid_loss", float("nan")), vals[metrics[0]] if metrics else float("nan"))
 
 
 def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, overrides: dict | None = None,
@@ -118,214 +94,154 @@ def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, over
 def _run_recipe(learn, r: Recipe, run_dir: Path, resume: bool = False, checkpoint_steps: int = 0,
                 cbs=None) -> RunResult:
     "run_recipe's training, inside the run folder's lock and the signal guard."
-    main = is_main_process()  # under DDP only rank 0 writes files and prints; all ranks train
-    state = resume_state(run_dir, r) if resume else None
-    t0 = time.perf_counter()
-    # the run's clock counts every process: a resumed run starts from the seconds its checkpoint recorded
-    before = _seconds_before(state) if state is not None else 0.0
-    stage_t0 = 0.0  # when the current stage started, on the run's clock
-
-    def elapsed() -> float:
-        return before + time.perf_counter() - t0
-    timings: dict[str, float] = {}
-    strategy, why = r.strategy, ""
-    if state is not None:
-        strategy, why = state.extra["strategy"], state.extra["why"]
-    on_features = state.extra.get("on_features", False) if state is not None else \
-        use_feature_head(learn, r, "full" if strategy == "auto" else strategy)
-    trace, log = HyperTrace(), MetricsLog(run_dir / "metrics.csv", write=main)
-    stages: list[dict] = []
-    keep = KeepBest(run_dir / "checkpoints" / "kept.safetensors", write=main) if r.keep_best else None
-    peak, ft_peak, probe = r.lr, r.ft_lr, None
-    guard = NonFiniteGuard()
+    run = RunState.start(learn, r, run_dir, resume)
     stop = StopOnSignal()  # Ctrl-C/SIGTERM: checkpoint at the next batch boundary and stop
+    ckpt = Checkpointer(run_dir, r.checkpoint_every, r.keep_last, checkpoint_steps, recipe=r,
+                        extra_state=run.to_checkpoint)
+    if run.resumed is None:
+        _head_stage(learn, r, run)  # on cached features (sweep, one-cycle, auto's probe), or auto's probe alone
+    groups = stage_plan(r, learn.n_layer_groups, run.strategy)
+    if run.on_features and groups[0].n_trainable == 1:  # the head stage ran on features: its epochs are not images'
+        groups[0] = UnfreezeStage(1, 0, groups[0].lr_mult)
+    stop.n_stages = len(groups)
+    _write_run_files(r, run_dir)
+    # the callbacks see the chosen strategy (resizing needs the run's length, compile its last stage)
+    total_steps = sum(st.epochs for st in groups) * len(learn.dls.train)
+    extra = recipe_callbacks(learn, r.replace(strategy=run.strategy), run_dir, total_steps=total_steps)
+    learn.freeze_top(next((st.n_trainable for st in groups if st.epochs), 1), train_bn=r.train_bn)
+    if run.resumed is not None:
+        _restore(learn, r, run, groups, extra, ckpt)
+    elif run.on_features:
+        _checkpoint_head(learn, run, ckpt)  # a resume skips the head stage (and its feature pass)
+    else:
+        run.peak = _body_peak(learn, r, run, total_steps)
+    plan = with_lrs(groups, learn.n_layer_groups, run.peak, _ft_peak(r, run, groups))
+    say(plan_text(plan, learn.n_layer_groups, len(learn.dls.train), r.lr_ratio))
+    for i, st in enumerate(plan):
+        at = run.resume_point(learn, i, st)  # None: skipped; []: from its start; [ResumeAt]: where it stopped
+        if at is None:
+            continue
+        run.begin_stage(learn, r, i, st, at, ckpt)
+        learn.fit_stage(st.epochs - (at[0].epoch_offset if at else 0), st.lrs(r.lr_ratio), r.div, r.final_div,
+                        r.pct_start, r.moms, cbs=[run.trace, run.log, ckpt, run.guard, stop] + extra + at + list(cbs or []))
+        run.end_stage(learn, st)
+    return _finish(learn, r, run, plan, extra, cbs)
 
-    def extra_state() -> dict:
-        return {"strategy": strategy, "why": why, "peak": peak, "ft_peak": ft_peak, "stages": stages,
-                "trace": trace.rows, "metrics": log.rows, "on_features": on_features, "probe": probe,
-                "kept": keep.state_dict() if keep else None, "timings": timings,
-                "seconds": elapsed(), "stage_t0": stage_t0}
-    ckpt = Checkpointer(run_dir, r.checkpoint_every, r.keep_last, checkpoint_steps, recipe=r, extra_state=extra_state)
 
-    def label_stage(name: str) -> None:  # the stage name in traces, metrics, guard messages and progress lines
-        for cb in [trace, log, guard] + [c for c in learn.cbs if hasattr(c, "stage")]:
-            cb.stage = name
-
-    def offer(name: str, valid_loss: float, score: float) -> None:
-        if keep is not None:
-            keep.offer(learn.model, Candidate(name, score, valid_loss, len(trace.rows)))
-
-    if state is None and on_features:
-        # -- the head on features the frozen body computes once: LR sweep, head stage and auto's probe --
-        strategy, why, peak, probe = head_on_features(learn, r, run_dir if main else None, trace, log, stages, timings,
-                                                       main)
-        label_stage("head")
-        offer("head", stages[-1]["valid_loss"], stages[-1].get(score_key(stages[-1]), float("nan")))
-    elif state is None and strategy == "auto":
+def _head_stage(learn, r: Recipe, run: RunState) -> None:
+    "The head on cached features (its LR sweep, one-cycle and auto's probe), or for `auto` the probe alone."
+    if run.on_features:
+        head_on_features(learn, r, run)
+        run.label(learn, "head")
+        row = run.stages[-1]
+        run.offer(learn, "head", row["valid_loss"], row.get(score_key(row), float("nan")))
+    elif r.strategy == "auto":
         ts = time.perf_counter()
-        strategy, why = broadcast_object(choose_strategy(learn, r))
-        timings["probe"] = time.perf_counter() - ts
-        if main:
-            print(f"auto strategy: {strategy} ({why})", flush=True)
-    plan = stage_plan(r, learn.n_layer_groups, strategy)
-    if on_features and plan[0].n_trainable == 1:  # the head stage ran on features: its epochs are not images'
-        plan[0] = UnfreezeStage(1, 0, plan[0].lr_mult)
-    stop.n_stages = len(plan)
-    if main:
+        run.strategy, run.why = broadcast_object(choose_strategy(learn, r))
+        run.timings["probe"] = time.perf_counter() - ts
+        say(f"auto strategy: {run.strategy} ({run.why})")
+
+
+def _write_run_files(r: Recipe, run_dir: Path) -> None:
+    "The resolved recipe and the environment, before the stages train (main process only)."
+    if is_main_process():
         r.save(run_dir / "recipe.toml")
         (run_dir / "environment.json").write_text(json.dumps(environment(r.seed), indent=2))
-    # the callbacks see the chosen strategy (resizing needs the run's length, compile its last stage)
-    total_steps = sum(st.epochs for st in plan) * len(learn.dls.train)
-    extra = recipe_callbacks(learn, r.replace(strategy=strategy), run_dir, total_steps=total_steps)
-    learn.freeze_top(plan[0].n_trainable if plan[0].epochs else next((s.n_trainable for s in plan if s.epochs), 1),
-                     train_bn=r.train_bn)
-    if state is not None:
-        learn.freeze_top(plan[min(state.stage, len(plan) - 1)].n_trainable, train_bn=r.train_bn)
-        state.restore(learn, extra)
-        ckpt.load_history(state)
-        peak, ft_peak, probe = state.extra["peak"], state.extra.get("ft_peak"), state.extra.get("probe")
-        stages, timings = list(state.extra["stages"]), dict(state.extra.get("timings") or {})
-        stage_t0 = float(state.extra.get("stage_t0", before))
-        trace.rows, log.rows = list(state.extra["trace"]), list(state.extra["metrics"])
-        if keep is not None and state.extra.get("kept"):
-            keep.load_state_dict(state.extra["kept"])
-        if main:
-            at = "done" if state.stage_done else f"epoch {state.epoch + 1}/{state.stage_epochs}" + (
-                f" from batch {state.iter + 1}" if state.iter else "")  # counted as the progress lines count
-            print(f"resuming {run_dir} from {state.path.name}: stage {state.stage + 1}/{len(plan)} {at}", flush=True)
-    elif on_features:
-        learn.add_cb(ckpt)  # a checkpoint after the head stage: a resume skips it (and its feature pass)
-        ckpt.stage_index = 0
-        try:
-            ckpt.save(epoch=0, iter=0, valid_loss=stages[-1]["valid_loss"], stage_epochs=0)
-        finally:
-            learn.remove_cb(ckpt)
-    elif peak is None:
-        if not r.lr_find:
-            raise ValueError("recipe sets lr_find = false but gives no lr; set lr = <peak LR>")
-        # every rank sweeps together (at the global batch); rank 0's suggestion is used everywhere. The sweep is
-        # bounded by the run: at most a tenth of its steps (at least 20, at most 100)
-        num_it = int(min(100, max(20, 0.1 * total_steps)))
-        ts = time.perf_counter()
-        found = learn.find_lr(num_it=num_it, plot=run_dir / "lr_find.png" if main else None)
-        timings["lr_find"] = time.perf_counter() - ts
-        peak = broadcast_object(found.peak)
-        if main:
-            print(f"lr_find: peak {found.peak:.2e}, start {found.start:.2e}", flush=True)
-            if found.note:  # start == peak: why (lr_finder.start_note)
-                print(f"lr_find: {found.note}", flush=True)
-    else:  # a recipe's fixed LR is for `lr_ref_bs` images per step: scale to this run's global batch
-        peak = scale_lr(peak, global_batch_size(r.bs, r.grad_accum), r.lr_ref_bs, r.lr_scale_rule)
-    if ft_peak is None:
-        # after the head on features: ft_lr_factor x the head's LR (calibrated for the valley rule on the head's
-        # sweep); on the classic path (one sweep of the whole model, its divergence-side peak) each stage runs at
-        # peak x its lr_mult (stage_lr_mult per deeper stage), as the recipe's stage plan says
-        ft_peak = min(peak * r.ft_lr_factor, r.ft_lr_max) if on_features else peak * first_ft_mult(plan)
-    elif state is None:
-        ft_peak = scale_lr(ft_peak, global_batch_size(r.bs, r.grad_accum), r.lr_ref_bs, r.lr_scale_rule)
-    for i, st in enumerate(plan):
-        epochs, resume_cb = st.epochs, []
-        if st.epochs == 0:
-            continue
-        if state is not None:  # the first stage run after a resume: skip finished stages, go on mid-stage
-            if i < state.stage:
-                continue
-            if i == state.stage and state.stage_done:
-                _record_finished_stage(stages, log.rows, st, plan, peak, ft_peak, learn.n_layer_groups, offer)
-                continue
-            resume_cb = [ResumeAt(state) if i == state.stage else ResumeAt(state, epoch=0, stage_epochs=st.epochs)]
-            epochs, state = st.epochs - resume_cb[0].epoch_offset, None
-        name = stage_name(st.n_trainable, learn.n_layer_groups)
-        label_stage(name)
-        ckpt.stage_index = i
-        learn.freeze_top(st.n_trainable, train_bn=r.train_bn)  # fastai's freeze_to clears the optimizer state
-        if resume_cb and resume_cb[0].mid_stage:  # mid-stage: the state the interrupted stage had built up
-            resume_cb[0].st.restore_optimizer(learn)
-        # the head stage's peak is the sweep's; fine-tuning stages start at ft_peak, lower for each deeper one
-        hi = stage_peak(st, plan, peak, ft_peak)
-        lr = slice(hi / r.lr_ratio, hi) if st.n_trainable > 1 else hi
-        if not (resume_cb and resume_cb[0].mid_stage):  # a stage resumed mid-way counts from its real start
-            stage_t0 = elapsed()
-        learn.fit_stage(epochs, lr, r.div, r.final_div, r.pct_start, r.moms,
-                        cbs=[trace, log, ckpt, guard, stop] + extra + resume_cb + list(cbs or []))
-        vals = epoch_metrics(learn.recorder)
-        ran = sum(1 for row in log.rows if row["stage"] == name)  # fewer than planned after early stopping
-        stages.append({"stage": name, "trainable_groups": st.n_trainable, "epochs": ran,
-                       "peak_lr": hi, **{k: float(v) for k, v in vals.items()},
-                       "seconds": round(elapsed() - stage_t0, 1)})
-        offer(name, *first_metric(learn))
+
+
+def _restore(learn, r: Recipe, run: RunState, groups: list, extra: list, ckpt) -> None:
+    "A resumed run: the checkpoint's stage frozen as it was, the weights, optimizer and callbacks' state put back."
+    ck = run.resumed
+    learn.freeze_top(groups[min(ck.stage, len(groups) - 1)].n_trainable, train_bn=r.train_bn)
+    ck.restore(learn, extra)
+    ckpt.load_history(ck)
+    run.say_resumed(len(groups))
+
+
+def _checkpoint_head(learn, run: RunState, ckpt) -> None:
+    learn.add_cb(ckpt)
+    ckpt.stage_index = 0
+    try:
+        ckpt.save(epoch=0, iter=0, valid_loss=run.stages[-1]["valid_loss"], stage_epochs=0)
+    finally:
+        learn.remove_cb(ckpt)
+
+
+def _body_peak(learn, r: Recipe, run: RunState, total_steps: int) -> float:
+    """The head's peak LR without cached features: the recipe's `lr`, for `lr_ref_bs` images per step, scaled to
+    this run's global batch; without one, a sweep of the whole model (every rank together, rank 0's suggestion),
+    at most a tenth of the run's steps (at least 20, at most 100)."""
+    if run.peak is not None:
+        return scale_lr(run.peak, global_batch_size(r.bs, r.grad_accum), r.lr_ref_bs, r.lr_scale_rule)
+    if not r.lr_find:
+        raise ValueError("recipe sets lr_find = false but gives no lr; set lr = <peak LR>")
+    num_it = int(min(100, max(20, 0.1 * total_steps)))
+    ts = time.perf_counter()
+    found = learn.find_lr(num_it=num_it, plot=run.run_dir / "lr_find.png" if is_main_process() else None)
+    run.timings["lr_find"] = time.perf_counter() - ts
+    peak = broadcast_object(found.peak)
+    say(f"lr_find: peak {found.peak:.2e}, start {found.start:.2e}")
+    if found.note:  # start == peak: why (lr_finder.start_note)
+        say(f"lr_find: {found.note}")
+    return peak
+
+
+def _ft_peak(r: Recipe, run: RunState, groups: list) -> float:
+    """The first fine-tuning stage's peak LR. The recipe's `ft_lr`, scaled to the global batch as `lr` is; else after
+    the head on features ft_lr_factor x the head's LR (calibrated for the valley rule on the head's sweep), capped
+    at ft_lr_max; on the classic path (one sweep of the whole model, its divergence-side peak) the head's LR x the
+    first fine-tuning stage's lr_mult (stage_lr_mult per deeper stage), as the stage plan says."""
+    if run.ft_peak is None:
+        run.ft_peak = min(run.peak * r.ft_lr_factor, r.ft_lr_max) if run.on_features else \
+            run.peak * first_ft_mult(groups)
+    elif run.resumed is None:  # a resumed run's checkpoint holds it as its first process resolved it
+        run.ft_peak = scale_lr(run.ft_peak, global_batch_size(r.bs, r.grad_accum), r.lr_ref_bs, r.lr_scale_rule)
+    return run.ft_peak
+
+
+def _finish(learn, r: Recipe, run: RunState, plan: list, extra: list, cbs) -> RunResult:
+    "SWA when the recipe asks, the final evaluation at valid_size, keep-best's choice, the outputs and the result."
     swa = {}
-    if r.swa_epochs:  # SWA after the last stage, at a constant LR, keeping the last stage's groups and LR ratio
+    if r.swa_epochs:  # after the last stage, at a constant LR, keeping the last stage's groups and LR ratio
         last = plan[-1]
-        last_hi = stage_peak(last, plan, peak, ft_peak)
-        swa_hi = r.swa_lr if r.swa_lr is not None else last_hi / 10
-        swa_lrs = learn.layer_lrs(slice(swa_hi / r.lr_ratio, swa_hi) if last.n_trainable > 1 else swa_hi)
-        label_stage("swa")
-        swa = run_swa(learn, r.swa_epochs, swa_lrs, cbs=[trace, log, guard] + list(cbs or []), mom=r.moms[0])
+        swa_hi = r.swa_lr if r.swa_lr is not None else last.peak / 10
+        swa_lrs = learn.layer_lrs(slice(swa_hi / r.lr_ratio, swa_hi) if last.trainable > 1 else swa_hi)
+        run.label(learn, "swa")
+        swa = run_swa(learn, r.swa_epochs, swa_lrs, cbs=[run.trace, run.log, run.guard] + list(cbs or []),
+                      mom=r.moms[0])
     at_valid_size = [cb for cb in extra if isinstance(cb, ProgressiveResize)]  # evaluate at valid_size
-    kept = None
     with learn.added_cbs(at_valid_size):
         for cb in extra:
             if callable(getattr(type(cb), "finish", None)):
                 cb.finish(learn)
         valid_loss, *mets = learn.validate()
-        final = Candidate("final", float(mets[0]) if mets else float("nan"), float(valid_loss), len(trace.rows))
-        if keep is not None and keep.best is not None and not _better_or_same(final, keep.best):
-            keep.restore(learn.model)  # a stage end beat the weights the run ended with: keep that stage's
-            kept = {"stage": keep.best.stage, "accuracy": keep.best.score, "valid_loss": keep.best.valid_loss,
-                    "final_accuracy": final.score, "final_valid_loss": final.valid_loss,
-                    "why": f"stage {keep.best.stage!r} reached validation {_metric_text(keep.best)}, better than the "
-                           f"end of the run ({_metric_text(final)}); its weights were kept"}
+        kept = run.kept(learn, valid_loss, mets)
+        if kept["stage"] != "final":  # keep-best put a stage end's weights back: the result is theirs
             valid_loss, *mets = learn.validate()
-        else:
-            kept = {"stage": "final", "accuracy": final.score, "valid_loss": final.valid_loss,
-                    "why": "the end of the run was the best on validation" if keep is not None else
-                           "keep_best = false: the weights the run ended with"}
-    timings["total"] = elapsed()
-    if before:
-        timings["before_resume"] = before
+    run.timings["total"] = run.elapsed()
+    if run.before:
+        run.timings["before_resume"] = run.before
     acc = float(mets[0]) if mets else float("nan")
-    result = RunResult(run_dir, r, strategy, acc, float(valid_loss), timings["total"], peak, stages, why, swa,
-                       timings=timings, probe_accuracy=probe, kept=kept, ft_peak_lr=ft_peak)
-    if main:
-        _write_outputs(learn, result, trace, log)
+    result = RunResult(run.run_dir, r, run.strategy, acc, float(valid_loss), run.timings["total"], run.peak,
+                       run.stages, run.why, swa, timings=run.timings, probe_accuracy=run.probe, kept=kept,
+                       ft_peak_lr=run.ft_peak)
+    if is_main_process():
+        _write_outputs(learn, result, run.trace, run.log)
         if not r.keep_checkpoints:  # finished and written: an interrupted or failed run never gets here
-            _prune_checkpoints(run_dir, keep, kept)
-        resumed = f" ({before:.1f}s of it before the resume)" if before else ""
-        summary_table(stages, title=f"{r.name}: {strategy}")
-        # the run's one result line, `key=value` so that scripts and CI read it (the command line adds the run folder)
-        print(f"accuracy={acc:.4f} time={result.seconds:.1f}s{resumed}", flush=True)
-        if kept and kept["stage"] != "final":
-            print(f"kept: {kept['why']}", flush=True)
+            _prune_checkpoints(run.run_dir, run.keep, kept)
+        summary_table(run.stages, title=f"{r.name}: {run.strategy}")
+    resumed = f" ({run.before:.1f}s of it before the resume)" if run.before else ""
+    # the run's one result line, `key=value` so that scripts and CI read it (the command line adds the run folder)
+    say(f"accuracy={acc:.4f} time={result.seconds:.1f}s{resumed}")
+    if kept["stage"] != "final":
+        say(f"kept: {kept['why']}")
     return result
-
-
-def _seconds_before(state) -> float:
-    "Seconds the run's earlier processes trained, as its checkpoint recorded them (older checkpoints: the epochs')."
-    if "seconds" in state.extra:
-        return float(state.extra["seconds"])
-    return float(sum(row.get("seconds", 0.0) for row in state.extra.get("metrics", [])))
-
-
-def _better_or_same(a, b) -> bool:
-    return better(a, b)
-
-
-def _metric_text(c) -> str:
-    import math
-    return (f"accuracy {c.score:.4f}, loss {c.valid_loss:.4f}" if math.isfinite(c.score)
-            else f"loss {c.valid_loss:.4f}")
 
 
 def _write_outputs(learn, res: RunResult, trace: HyperTrace, log: MetricsLog) -> None:
     d = res.run_dir
     save_weights(learn.model, d / "model.safetensors")
-    with open(d / "trace.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["step", "stage", "lr_head", "lr_first", "mom", "loss"])
-        for row in trace.rows:
-            w.writerow([row["step"], row["stage"], row["lr"][-1], row["lr"][0],
-                        row["mom"][-1] if row["mom"] else "", row["loss"]])
+    write_trace(trace.rows, d / "trace.csv")
     summary = {k: v for k, v in asdict(res).items() if k not in ("recipe", "run_dir")}
     (d / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     plot_run(trace.rows, log.rows, d)
