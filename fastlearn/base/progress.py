@@ -5,7 +5,6 @@ epoch; the learners fastlearn builds drop it for `EpochProgress`, which never re
 """
 from __future__ import annotations
 
-import sys
 import time
 from typing import IO, Sequence
 
