@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from fastai.callback.core import Callback, CancelFitException, CancelValidException
+
+from ..base.rng import rng_state, set_rng_state
 
 __all__ = ["lr_find", "LRFindResult", "suggest_lrs", "start_note", "lr_plot_ylim", "suggest", "SUGGESTERS", "LRSweep", "learner_snapshot"]
 
@@ -190,8 +191,7 @@ class learner_snapshot:
         self.model = copy.deepcopy(L.model.state_dict())
         self.training = L.model.training
         self.opt = None if L.opt is None else copy.deepcopy(L.opt.state_dict())
-        self.rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
-                    torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+        self.rng = rng_state()
         self.dl_rng = [copy.deepcopy(getattr(dl, "rng", None)) for dl in L.dls.loaders]
         rec = getattr(L, "recorder", None)
         self.rec = {a: copy.deepcopy(getattr(rec, a)) for a in self._recorder_attrs if hasattr(rec, a)}
@@ -207,9 +207,7 @@ class learner_snapshot:
         else:
             L.opt.zero_grad()
             L.opt.load_state_dict(self.opt)
-        random.setstate(self.rng[0]); np.random.set_state(self.rng[1]); torch.set_rng_state(self.rng[2])
-        if self.rng[3] is not None:
-            torch.cuda.set_rng_state_all(self.rng[3])
+        set_rng_state(self.rng)
         for dl, r in zip(L.dls.loaders, self.dl_rng):
             if r is not None:
                 dl.rng = r

@@ -126,6 +126,12 @@ class Recipe:
     def __post_init__(self):
         _validate(self)
 
+    @property
+    def resizes_on_device(self) -> bool:
+        """Whether batches are resized on the device (ProgressiveResize): the DataLoaders load at
+        max(size, valid_size), training grows from `resize_start`, validation runs at `valid_size`."""
+        return bool(self.resize_start or (self.valid_size or self.size) != self.size)
+
     def replace(self, **overrides) -> "Recipe":
         "A new recipe with `overrides` applied and validated."
         return from_dict({**self.to_dict(), **overrides}, origin="overrides")

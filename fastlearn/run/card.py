@@ -53,7 +53,7 @@ def decision_threshold(learn, recipe, n_classes: int) -> float | list[float] | N
 
 def uses_valid_resize(recipe) -> bool:
     "Whether a run with `recipe` resizes validation batches on the device (as `recipe_callbacks` decides)."
-    return recipe is not None and bool(recipe.resize_start or (recipe.valid_size or recipe.size) != recipe.size)
+    return recipe is not None and recipe.resizes_on_device
 
 
 def _item_resize(learn, recipe) -> dict:

@@ -150,7 +150,7 @@ def differences(settings: dict, r: Recipe) -> list[Difference]:
     size = settings.get("size")
     if size is not None:
         valid = r.valid_size or r.size
-        if r.resize_start is not None or valid != r.size:  # ProgressiveResize sizes every batch on the device
+        if r.resizes_on_device:
             need = max(r.size, valid)
             have = size if isinstance(size, int) else min(size)
             if have < need:

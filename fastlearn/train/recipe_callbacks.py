@@ -36,7 +36,7 @@ def recipe_callbacks(learn, r, run_dir: Path, total_steps: int | None = None) ->
     cbs += speed_callbacks(learn, r, plan[-1].n_trainable if plan else None)
     # --- resize + EMA + early stopping (fastlearn/resize.py, fastlearn/ema.py) ---
     valid_size = r.valid_size or r.size
-    if r.resize_start or valid_size != r.size:  # the dls load at max(size, valid_size); shrink on the device
+    if r.resizes_on_device:
         if total_steps is None and plan:
             total_steps = sum(st.epochs for st in plan) * len(learn.dls.train)
         cbs.append(ProgressiveResize(start=r.resize_start or r.size, final=r.size, ramp=r.resize_ramp,
