@@ -53,7 +53,7 @@ def write_jpegs(root: Path, n: int, classes: int = 4, size=PHOTO, valid_frac: fl
 def loader_rate(root: Path, workers: int, size: int, bs: int, device: str, decode: str = "cpu",
                 epochs: int = 1) -> float:
     "Training images/s of `image_dls(root)` with `workers` workers, after a warm-up epoch."
-    from fastlearn.data import image_dls
+    from fastlearn.data.dls import image_dls
     dls = image_dls(root, size=size, bs=bs, num_workers=workers, device=device, cache_images=False, decode=decode,
                     seed=0)
     dl = dls.train
@@ -85,7 +85,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     import fastlearn
-    from fastlearn.loader import read_cpu_max, usable_cpus
+    from fastlearn.data.loader import read_cpu_max, usable_cpus
     cpus = usable_cpus(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
                        read_cpu_max())
     counts = ([int(w) for w in a.workers.split(",")] if a.workers

@@ -33,7 +33,7 @@ HEAD_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 
 def _head_fit(hl, lr: float, epochs: int, r) -> tuple[float, float]:
-    from fastlearn.schedules import one_cycle_scheds
+    from fastlearn.core.schedules import one_cycle_scheds
     from fastai.callback.schedule import ParamScheduler
     hl.fit(epochs, cbs=[ParamScheduler(one_cycle_scheds(lr, r.div, r.final_div, r.pct_start, r.moms))])
     loss, acc = hl.validate()
@@ -42,12 +42,12 @@ def _head_fit(hl, lr: float, epochs: int, r) -> tuple[float, float]:
 
 def calibrate(view: Path, a) -> dict:
     import torch
-    from fastlearn.budget import batch_size_for, feature_batch_size, feature_epochs
-    from fastlearn.features import extract_features, head_learner
-    from fastlearn.lr_finder import SUGGESTERS, lr_find, suggest
-    from fastlearn.training import learner_from_recipe
+    from fastlearn.core.budget import batch_size_for, feature_batch_size, feature_epochs
+    from fastlearn.train.features import extract_features, head_learner
+    from fastlearn.core.lr_finder import SUGGESTERS, lr_find, suggest
+    from fastlearn.train.learner import learner_from_recipe
     from fastai.data.transforms import CategoryMap  # noqa: F401  (fastai import order)
-    from fastlearn.data import check_image_folder
+    from fastlearn.data.folders import check_image_folder
     rep = check_image_folder(view)
     n_train = sum(rep.counts["train"].values())
     bs = batch_size_for(n_train, a.epochs, a.min_steps)

@@ -72,7 +72,7 @@ def make_data(s: Setup, seed: int = 0):
 
 
 def make_model(s: Setup, seed: int = 0):
-    from fastlearn.models import create_model
+    from fastlearn.core.models import create_model
     torch.manual_seed(seed)
     m = create_model(s.arch, 10, pretrained=False).to(s.device)
     return m.to(memory_format=torch.channels_last) if s.channels_last else m
@@ -101,8 +101,8 @@ def param_groups(model, one_group: bool) -> list[dict]:
     each can have its own LR and weight decay), or one group (what a plain loop without discriminative LRs has)."""
     if one_group:
         return [{"params": list(model.parameters()), "weight_decay": 0.01}]
-    from fastlearn.layer_groups import layer_groups
-    from fastlearn.optim import split_decay
+    from fastlearn.core.layer_groups import layer_groups
+    from fastlearn.core.optim import split_decay
     groups, gmap = split_decay(model, layer_groups(model))
     return [{"params": g, "weight_decay": wd} for g, wd in zip(groups, gmap.wd(0.01))]
 
@@ -193,7 +193,7 @@ def _instrumented(cls, clock: Clock):
                 and callable(getattr(type(cb), n, None))]
 
     try:  # fastlearn's own loss path, where this fastlearn has it (the bench also runs against older commits)
-        from fastlearn.hotpath import LeanLearner, flat_loss
+        from fastlearn.core.hotpath import LeanLearner, flat_loss
         lean = issubclass(cls, LeanLearner)
     except ImportError:
         lean, flat_loss = False, None
@@ -288,12 +288,12 @@ class FastlearnLoop:
     def __init__(self, s: Setup, x, y, clock: Clock | None = None):
         from fastai.data.core import DataLoaders
         from fastai.vision.augment import Normalize
-        from fastlearn.checkpoint import Checkpointer
-        from fastlearn.guard import NonFiniteGuard
-        from fastlearn.learner import transfer_learner
-        from fastlearn.precision import amp_callbacks, ChannelsLastBatch
-        from fastlearn.progress import EpochProgress
-        from fastlearn.training import HyperTrace, MetricsLog
+        from fastlearn.run.checkpoint import Checkpointer
+        from fastlearn.fit.guard import NonFiniteGuard
+        from fastlearn.train.learner import transfer_learner
+        from fastlearn.fit.precision import amp_callbacks, ChannelsLastBatch
+        from fastlearn.base.progress import EpochProgress
+        from fastlearn.run.records import HyperTrace, MetricsLog
         nv = s.bs  # a token validation set: fastai validates every epoch, the timer excludes it
         g = torch.Generator().manual_seed(2)
         xv, yv = torch.randn(nv, 3, s.size, s.size, generator=g), torch.randint(0, 10, (nv,), generator=g)

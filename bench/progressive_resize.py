@@ -63,12 +63,12 @@ class StepTimer(Callback):
 
 def run(args, progressive: bool, seed: int):
     from fastai.torch_core import set_seed
-    from fastlearn.data import image_dls
-    from fastlearn.learner import transfer_learner
-    from fastlearn.precision import speed_callbacks
-    from fastlearn.recipes import Recipe
-    from fastlearn.resize import ProgressiveResize
-    from fastlearn.samples import sample
+    from fastlearn.data.dls import image_dls
+    from fastlearn.train.learner import transfer_learner
+    from fastlearn.fit.precision import speed_callbacks
+    from fastlearn.core.recipes import Recipe
+    from fastlearn.fit.resize import ProgressiveResize
+    from fastlearn.data.samples import sample
     set_seed(seed, reproducible=True)
     dls = image_dls(sample("digits"), size=args.size, bs=args.bs, seed=seed, arch=args.arch, flip=False,
                     device=args.device, num_workers=args.workers)

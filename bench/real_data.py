@@ -91,7 +91,8 @@ def make_view(src: Path, dest: Path, max_per_class: int | None, seed: int) -> di
 # -- one method, in its own process ------------------------------------------------------------------
 
 def run_fastlearn(view: Path, recipe: str, size: int, seed: int, out: Path) -> dict:
-    from fastlearn.training import learner_from_recipe, run_recipe
+    from fastlearn.train.learner import learner_from_recipe
+    from fastlearn.train.runner import run_recipe
     t0 = time.perf_counter()
     learn, r = learner_from_recipe(view, recipe, {"size": size, "seed": seed})
     swept = [0.0]  # lr_find's wall time, for versions whose RunResult has no `timings`
@@ -126,7 +127,7 @@ def run_fastai(view: Path, size: int, seed: int) -> dict:
     from fastai.callback.progress import ProgressCallback
     from fastai.torch_core import set_seed
     from fastai.vision.all import ImageDataLoaders, Normalize, Resize, accuracy, aug_transforms, vision_learner
-    from fastlearn.models import create_model, model_stats
+    from fastlearn.core.models import create_model, model_stats
     t0 = time.perf_counter()
     set_seed(seed, reproducible=True)
     mean, std = model_stats(ARCH)
@@ -149,7 +150,7 @@ def run_tutorial(view: Path, size: int, seed: int, epochs: int = 25) -> dict:
     import torch
     from torch import nn
     from torchvision import datasets, transforms
-    from fastlearn.models import create_model, model_stats
+    from fastlearn.core.models import create_model, model_stats
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     mean, std = model_stats(ARCH)
@@ -245,7 +246,7 @@ def main():
     for src in a.data:
         name = _dataset_name(src)
         if src == "digits":
-            from fastlearn.samples import sample
+            from fastlearn.data.samples import sample
             src = str(sample("digits"))
         for seed in a.seeds:
             view = out / "views" / f"{name}-s{seed}"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fastlearn.search import SearchSpace, search
+from fastlearn.app.search import SearchSpace, search
 
 RECIPE = "digits"
 BASE = {"arch": "test_resnet", "pretrained": False, "strategy": "scratch", "size": 32, "augment": False}

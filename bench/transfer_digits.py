@@ -15,7 +15,8 @@ import torch
 
 
 def fastlearn_run(size: int, bs: int, seed: int):
-    from fastlearn.training import learner_from_recipe, run_recipe
+    from fastlearn.train.learner import learner_from_recipe
+    from fastlearn.train.runner import run_recipe
     t = time.perf_counter()
     learn, r = learner_from_recipe("digits", "digits", {"size": size, "bs": bs, "seed": seed})
     res = run_recipe(learn, r, runs_root=os.environ.get("FASTLEARN_BENCH_RUNS", "runs/bench"))
@@ -28,9 +29,9 @@ def fastai_run(size: int, bs: int, seed: int):
     from fastai.metrics import accuracy
     from fastai.torch_core import set_seed
     from fastai.vision.learner import vision_learner
-    from fastlearn.data import image_dls
-    from fastlearn.models import create_model
-    from fastlearn.samples import sample
+    from fastlearn.data.dls import image_dls
+    from fastlearn.core.models import create_model
+    from fastlearn.data.samples import sample
     t = time.perf_counter()
     set_seed(seed, reproducible=True)
     dls = image_dls(sample("digits"), size=size, bs=bs, seed=seed, arch="tf_efficientnet_lite0", flip=False)

@@ -20,7 +20,8 @@ PRESETS = ("linear_probe", "fine_tune_top", "full_fine_tune", "auto")
 
 
 def run_preset(data: str, name: str, overrides: dict, root: str):
-    from fastlearn.training import learner_from_recipe, run_recipe
+    from fastlearn.train.learner import learner_from_recipe
+    from fastlearn.train.runner import run_recipe
     t = time.perf_counter()
     learn, r = learner_from_recipe(data, name, overrides, progress=True)
     res = run_recipe(learn, r, run_dir=f"{root}/{name}")

@@ -4,42 +4,41 @@
     dls = image_dls(sample("digits"), size=64, bs=32, flip=False, arch="tf_efficientnet_lite0")
     learn = transfer_learner(dls, "tf_efficientnet_lite0"); learn.fit_preset("digits")
 """
-__version__ = "0.1.0"  # the one place the version is defined (setup.cfg reads it)
-
 import importlib
-import sys
-import types
+
+from .base.version import __version__  # noqa: F401  (defined in base/version.py, which setup.cfg reads)
 
 # Where each public name lives. The package face imports nothing heavy itself: a name is imported from its
 # module on first use (PEP 562 `__getattr__`), so the commands that only print (`fastlearn --help`,
 # `--version`, `recipes`) answer without loading torch and fastai (seconds of start-up), while
 # `from fastlearn import *` and `fastlearn.image_dls` work as if everything were imported here.
 _WHERE = {
-    "data": ("image_dls", "check_image_folder"),
-    "samples": ("sample",),
-    "models": ("create_model", "model_stats"),
-    "layer_groups": ("layer_groups", "n_groups"),
-    "learner": ("transfer_learner", "TransferLearner"),
-    "lr_finder": ("lr_find", "LRFindResult"),
-    "training": ("run_recipe", "learner_from_recipe", "RunResult"),
-    "resize": ("ProgressiveResize",),
-    "ema": ("EMA",),
-    "health": ("HealthMonitor",),
-    "strategy": ("choose_strategy",),
-    "distributed": ("distributed_ctx", "is_main_process"),
-    "diagnostics": ("sanity_check", "diagnose"),
-    "search": ("search",),
-    "checkpoint": ("save_weights", "load_weights"),
-    "run_folder": ("load_run", "Run"),
-    "predict": ("Prediction",),
-    "export": ("export_run",),
-    "interpret": ("interpret",),
-    "schedules": ("one_cycle_lr", "one_cycle_mom", "layer_lrs", "unfreeze_plan"),
-    "recipes": ("Recipe", "load_recipe", "list_recipes"),
-    "errors": ("FastlearnError", "DataError", "EmptyClassError", "SingleClassError", "CorruptImageError",
-               "LabelRangeError", "UnknownArchError", "WeightsError", "RecipeError", "CheckpointError",
-               "NonFiniteError", "RecipeMismatchError", "MissingExtraError", "RunLockedError", "DataChangedError",
-               "TrainingInterrupted", "RunFolderError", "ExportError"),
+    "data.dls": ("image_dls",),
+    "data.folders": ("check_image_folder",),
+    "data.samples": ("sample",),
+    "core.models": ("create_model", "model_stats"),
+    "core.layer_groups": ("layer_groups", "n_groups"),
+    "train.learner": ("transfer_learner", "TransferLearner", "learner_from_recipe"),
+    "core.lr_finder": ("lr_find", "LRFindResult"),
+    "train.runner": ("run_recipe", "RunResult"),
+    "fit.resize": ("ProgressiveResize",),
+    "fit.ema": ("EMA",),
+    "fit.health": ("HealthMonitor",),
+    "train.strategy": ("choose_strategy",),
+    "fit.distributed": ("distributed_ctx",),
+    "base.ranks": ("is_main_process",),
+    "app.diagnostics": ("sanity_check", "diagnose"),
+    "app.search": ("search",),
+    "core.weights": ("save_weights", "load_weights"),
+    "run.predict": ("load_run", "Run", "Prediction"),
+    "run.export": ("export_run",),
+    "run.interpret": ("interpret",),
+    "core.schedules": ("one_cycle_lr", "one_cycle_mom", "layer_lrs", "unfreeze_plan"),
+    "core.recipes": ("Recipe", "load_recipe", "list_recipes"),
+    "base.errors": ("FastlearnError", "DataError", "EmptyClassError", "SingleClassError", "CorruptImageError",
+                   "LabelRangeError", "UnknownArchError", "WeightsError", "RecipeError", "CheckpointError",
+                   "NonFiniteError", "RecipeMismatchError", "MissingExtraError", "RunLockedError", "DataChangedError",
+                   "TrainingInterrupted", "RunFolderError", "ExportError"),
 }
 _MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
 
@@ -77,7 +76,7 @@ def __getattr__(name: str):
     module = _MODULE_OF.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    importlib.import_module(f"{__name__}._fastai")  # fastai first, with its one import-time warning silenced
+    importlib.import_module(f"{__name__}.base.fastai_quiet")  # fastai first, with its one import-time warning silenced
     value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
     globals()[name] = value
     return value
@@ -85,15 +84,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
-    "The package module: a submodule loaded later must not replace the public name it shares (`search`, `interpret`)."
-
-    def __setattr__(self, name, value):
-        if isinstance(value, types.ModuleType) and name in _MODULE_OF and value.__name__ == f"{__name__}.{name}":
-            return  # the import system binds `fastlearn.<name>` to the submodule; the public function keeps it
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -8,20 +8,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import shutil
 import sys
 from pathlib import Path
 
-from . import __version__
-from .console import console_width
-from .errors import FastlearnError, TrainingInterrupted
-from .recipe_view import recipe_list, recipe_text
-from .runlock import LOCK_NAME, check_unlocked
-from .samples import is_sample_name, sample
-
-# The commands that train, predict or export import their modules inside the command's function: those load
-# torch and fastai (seconds), which `--help`, `--version` and `recipes` must not wait for.
+from .app.recipe_view import recipe_list, recipe_text
+from .base.console import console_width
+from .base.errors import FastlearnError
+from .base.version import __version__
 
 __all__ = ["main", "parse_args"]
 
@@ -132,131 +126,6 @@ def _recipes(name: str | None) -> int:
     return 0
 
 
-def _data_arg(data: str) -> Path:
-    return sample(data) if is_sample_name(data) and not Path(data).exists() else Path(data)
-
-
-def _train(a) -> int:
-    from .training import learner_from_recipe, run_recipe
-    if a.resume and a.run_dir is None:
-        raise ValueError("--resume needs --run-dir, the run folder to continue")
-    if a.run_dir:
-        _check_run_dir(Path(a.run_dir), a.resume)
-    run_args = dict(run_dir=a.run_dir, runs_root=a.out, resume=a.resume, checkpoint_steps=a.checkpoint_steps,
-                    accept_data_change=a.accept_data_change)
-    if not a.distributed:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ValueError("launched with several processes (WORLD_SIZE > 1) but without --distributed: "
-                             "add --distributed, or each process would train alone")
-        learn, r = learner_from_recipe(a.data, a.recipe, a.overrides)
-        res = run_recipe(learn, r, **run_args)
-        _report(res)
-        return 0
-    from fastai.distributed import teardown_distrib
-    from .distributed import distributed_ctx, init_distributed, is_main_process, main_process_first
-    if "WORLD_SIZE" not in os.environ:
-        raise ValueError(f"--distributed needs a launcher, one process per device: torchrun --standalone "
-                         f"--nproc_per_node=2 -m fastlearn.cli {shlex.join(a.argv)}")
-    init_distributed()  # before building anything, so each rank picks its device
-    try:
-        with main_process_first():  # rank 0 builds the sample cache first
-            learn, r = learner_from_recipe(a.data, a.recipe, a.overrides, progress=is_main_process())
-        with distributed_ctx(learn, sync_bn=r.sync_bn):
-            res = run_recipe(learn, r, **run_args)
-        if is_main_process():
-            _report(res)
-    finally:
-        teardown_distrib()
-    return 0
-
-
-_RUN_FILES = ("recipe.toml", "checkpoints", "metrics.csv", "model.safetensors", "model.json", "summary.json")
-
-
-def _check_run_dir(run_dir: Path, resume: bool) -> None:
-    "Before the data is read: who holds the folder first, then whether it holds a run to continue (or none)."
-    if os.environ.get("RANK", "0") == "0":  # rank 0 takes the lock under torchrun
-        check_unlocked(run_dir)  # another process trains there: name it, whatever the folder holds
-    found = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_NAME) if run_dir.is_dir() else []
-    if resume or not found:  # a lone lock: a run that died at its start
-        return
-    if any((run_dir / f).exists() for f in _RUN_FILES):
-        raise FileExistsError(f"run folder {run_dir} already holds a run; pass --resume to continue it, "
-                              f"or choose another --run-dir (nothing was overwritten)")
-    listed = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
-    raise FileExistsError(f"--run-dir {run_dir} is not empty and holds no fastlearn run (it has {listed}); "
-                          f"choose a new or empty folder for the run (nothing was touched)")
-
-
-def _report(res) -> None:
-    "Where the run is; its result (accuracy, seconds, strategy) is the title of the table run_recipe just printed."
-    print(f"run folder: {res.run_dir}", flush=True)
-
-
-def _resume_command(a, run_dir) -> str:
-    "The command line that resumes this `fastlearn train` run in `run_dir` (what the user typed, plus --resume)."
-    argv = ["train", a.recipe, "--data", a.data, "--run-dir", str(run_dir), "--resume"]
-    if a.checkpoint_steps:
-        argv += ["--checkpoint-steps", str(a.checkpoint_steps)]
-    if a.distributed:
-        argv.append("--distributed")
-    argv += list(a.overrides)
-    if not a.distributed:
-        return shlex.join(["fastlearn", *argv])
-    n = os.environ.get("LOCAL_WORLD_SIZE")
-    launcher = (f"torchrun --standalone --nproc_per_node={n}" if n and os.environ.get("WORLD_SIZE") == n
-                else "torchrun <your torchrun options>")
-    return f"{launcher} -m fastlearn.cli {shlex.join(argv)}"
-
-
-def _interrupted(args, e) -> int:
-    "One line: where training stopped, what was saved, how to resume; exit 128 + the signal (130 Ctrl-C, 143 SIGTERM)."
-    from .distributed import is_main_process
-    if is_main_process():
-        if args.cmd == "train":
-            msg = e.describe(_resume_command(args, e.run_dir))
-        else:
-            msg = f"interrupted ({e.signal_name}) in the training of {e.run_dir}; stopped"
-        print(f"fastlearn: {msg}", file=sys.stderr, flush=True)
-    return e.exit_code
-
-
-def _lr_find(a) -> int:
-    from .data import image_dls
-    from .learner import transfer_learner
-    dls = image_dls(_data_arg(a.data), size=a.size, bs=a.bs, arch=a.arch, multi_label=a.multi_label)
-    learn = transfer_learner(dls, a.arch, pretrained=not a.no_pretrained, progress=False)
-    res = learn.find_lr(num_it=a.num_it, plot=a.plot)
-    print(f"peak lr (one-cycle lr_max): {res.peak:.3e}")
-    print(f"start lr (loss first improves): {res.start:.3e}")
-    if res.note:  # start == peak: why
-        print(res.note)
-    print(f"plot: {res.plot}")
-    return 0
-
-
-def _doctor(a) -> int:
-    from .diagnostics import doctor_main
-    return doctor_main(a.data, a.arch, size=a.size, bs=a.bs, pretrained=not a.no_pretrained, recipe=a.recipe,
-                       run=a.run, overrides={"multi_label": True} if a.multi_label else None)
-
-
-def _search(a) -> int:
-    from .search import search_main
-    return search_main(a.data, a.recipe, n_trials=a.trials, rounds=a.rounds, epochs=a.epochs, prune=not a.no_prune,
-                       out_dir=a.out, seed=a.seed, overrides=a.overrides)
-
-
-def _predict(a) -> int:
-    from .predict import predict_main
-    return predict_main(a.run_dir, a.images, topk=a.topk, bs=a.bs, tta=a.tta, csv_path=a.csv, device=a.device)
-
-
-def _export(a) -> int:
-    from .export import export_main
-    return export_main(a.run_dir, a.format, a.out)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     "The command line as `main` reads it (argparse exits with status 2 and its usage on a bad command)."
     parser = _parser()
@@ -272,14 +141,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.cmd != "recipes":  # every other command loads fastai: once, through its quiet import
-        from . import _fastai  # noqa: F401
     try:
-        return {"recipes": lambda: _recipes(args.name), "train": lambda: _train(args), "lr-find": lambda: _lr_find(args),
-                "doctor": lambda: _doctor(args), "search": lambda: _search(args),
-                "predict": lambda: _predict(args), "export": lambda: _export(args)}[args.cmd]()
-    except TrainingInterrupted as e:
-        return _interrupted(args, e)
+        if args.cmd == "recipes":
+            return _recipes(args.name)
+        # the one deferred import: the other commands load torch and fastai (seconds), which `--help`, `--version`
+        # and `recipes` must not wait for
+        from .app import commands
+        return commands.run_command(args)
     except (FastlearnError, ValueError, FileNotFoundError, FileExistsError) as e:
         msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
         print(f"fastlearn: error: {msg}", file=sys.stderr)

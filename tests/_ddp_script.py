@@ -72,7 +72,7 @@ def resnet_learner(bs: int):
     "timm test_resnet (BatchNormAct2d layers) on synthetic blobs, SGD, everything trainable."
     sys.path.insert(0, str(Path(__file__).parent))
     from conftest import synthetic_dls
-    from fastlearn.learner import transfer_learner
+    from fastlearn.train.learner import transfer_learner
     torch.manual_seed(0)
     learn = transfer_learner(synthetic_dls(n=96, bs=bs), "test_resnet", pretrained=False, opt="sgd",
                              progress=False)
@@ -82,11 +82,11 @@ def resnet_learner(bs: int):
 
 def train(out: Path) -> None:
     from fastai.distributed import teardown_distrib
-    from fastlearn.checkpoint import save_weights
-    from fastlearn.lr_finder import lr_find
-    from fastlearn.distributed import (broadcast_object, distributed_ctx, init_distributed, is_main_process,
-                                       main_process_first, rank, world_size)
-    from fastlearn.training import new_run_dir
+    from fastlearn.core.weights import save_weights
+    from fastlearn.core.lr_finder import lr_find
+    from fastlearn.base.ranks import broadcast_object, init_distributed, is_main_process, main_process_first, rank, world_size
+    from fastlearn.fit.distributed import distributed_ctx
+    from fastlearn.run.records import new_run_dir
     init_distributed(timeout_s=60)
     W, r = world_size(), rank()
     with main_process_first():
@@ -143,7 +143,8 @@ class Sabotage(Callback):
 
 
 def fail(out: Path, how: str) -> None:
-    from fastlearn.distributed import distributed_ctx, init_distributed, rank, world_size
+    from fastlearn.fit.distributed import distributed_ctx
+    from fastlearn.base.ranks import init_distributed, rank, world_size
     init_distributed(timeout_s=10)
     learn = mlp_learner(GLOBAL_BS // world_size(), [Sabotage(how, rank())])
     with distributed_ctx(learn, timeout_s=10):

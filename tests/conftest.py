@@ -4,7 +4,7 @@ import random
 import numpy as np
 import pytest
 import torch
-import fastlearn  # noqa: F401  (first: fastlearn imports fastai without torch's torch.jit.script FutureWarning)
+import fastlearn.base.fastai_quiet  # noqa: F401  (first: fastai without torch's torch.jit.script FutureWarning)
 import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
 from fastai.data.core import DataLoaders
 
@@ -110,7 +110,8 @@ def write_csv_dataset(root, n: int = 48, multi_label: bool = False, size: int = 
 def trained_run(tmp_path_factory):
     """A finished tiny run (timm test_resnet at 32 px, three colour classes, 40x52 images so the validation crop
     matters): (learn, recipe, run_dir). Shared by the run-folder, predict, export and interpret tests."""
-    from fastlearn.training import learner_from_recipe, run_recipe
+    from fastlearn.train.learner import learner_from_recipe
+    from fastlearn.train.runner import run_recipe
     root = write_image_folder(tmp_path_factory.mktemp("run_imgs"), n_per_class=8, size=40, width=52)
     learn, r = learner_from_recipe(root, "transfer", {"arch": "test_resnet", "pretrained": False, "size": 32, "bs": 8,
                                                        "lr": 3e-3, "head_epochs": 1, "unfreeze_epochs": 0,

@@ -12,7 +12,7 @@ def test_star_import_gives_only_the_public_api():
 
 def test_fastai_learner_methods_not_shadowed():
     from fastai.learner import Learner
-    from fastlearn.learner import TransferLearner
+    from fastlearn.train.learner import TransferLearner
     added = set(vars(TransferLearner)) - {"__init__", "__module__", "__doc__", "__qualname__", "__firstlineno__",
                                           "__static_attributes__"}
     assert not (added & set(dir(Learner))), added & set(dir(Learner))   # adds, never overrides

@@ -1,7 +1,7 @@
 """Schedules sized in steps: the batch-size and head-length rules against their definitions."""
 import pytest
 
-from fastlearn.budget import batch_size_for, feature_batch_size, feature_epochs
+from fastlearn.core.budget import batch_size_for, feature_batch_size, feature_epochs
 
 
 @pytest.mark.parametrize("n_train,epochs,expected", [

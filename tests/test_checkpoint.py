@@ -18,13 +18,14 @@ from fastai.torch_core import set_seed
 from safetensors.torch import load_file
 
 import fastlearn
-import fastlearn.checkpoint as ckmod
-from fastlearn.checkpoint import (Checkpointer, latest_checkpoint, plain, read_state, recipe_diff, resume_state,
-                                  rng_state, set_rng_state)
-from fastlearn.errors import CheckpointError
-from fastlearn.learner import transfer_learner
-from fastlearn.recipes import Recipe
-from fastlearn.training import run_recipe
+import fastlearn.base.files as files
+import fastlearn.run.checkpoint as ckmod
+from fastlearn.run.checkpoint import Checkpointer, latest_checkpoint, plain, read_state, recipe_diff, resume_state
+from fastlearn.base.rng import rng_state, set_rng_state
+from fastlearn.base.errors import CheckpointError
+from fastlearn.train.learner import transfer_learner
+from fastlearn.core.recipes import Recipe
+from fastlearn.train.runner import run_recipe
 from conftest import needs_cuda, synthetic_dls
 
 TESTS = Path(__file__).resolve().parent
@@ -111,9 +112,9 @@ def test_atomic_writes_honour_the_umask(tmp_path, monkeypatch, umask, mode):
     "Issue 22: mkstemp's 0600 made run folders unreadable to colleagues; files get what open() would give."
     old = os.umask(umask)
     try:
-        assert ckmod.file_mode() == mode
-        monkeypatch.setattr(ckmod, "_PROC_STATUS", str(tmp_path / "no-proc"))  # no /proc: set the umask and put it back
-        assert ckmod.file_mode() == mode and os.umask(umask) == umask
+        assert files.file_mode() == mode
+        monkeypatch.setattr(files, "_PROC_STATUS", str(tmp_path / "no-proc"))  # no /proc: set the umask and put it back
+        assert files.file_mode() == mode and os.umask(umask) == umask
         monkeypatch.undo()
         ckmod.atomic_write(tmp_path / "a.txt", lambda tmp: tmp.write_text("x"))
         ckmod.atomic_write(tmp_path / "s.pt", lambda tmp: torch.save({"a": 1}, tmp))
@@ -296,9 +297,9 @@ SCRIPT = textwrap.dedent("""
     from conftest import synthetic_dls
     from fastai.callback.core import Callback
     from fastai.torch_core import set_seed
-    from fastlearn.learner import transfer_learner
-    from fastlearn.recipes import Recipe
-    from fastlearn.training import run_recipe
+    from fastlearn.train.learner import transfer_learner
+    from fastlearn.core.recipes import Recipe
+    from fastlearn.train.runner import run_recipe
     run_dir, mode = sys.argv[1], sys.argv[2]
 
     class Marker(Callback):  # after the Checkpointer (90): says when checkpoint `mode` exists, then waits to be killed
@@ -376,7 +377,7 @@ def _image_folder(root: Path) -> Path:
 def test_resume_with_augmentation_from_an_image_folder_is_bitwise_exact(tmp_path, precision):
     """The real pipeline: files, fastai aug_transforms, flips, random erasing; a crash mid-epoch 2. On a GPU
     (the data's default device there) 'auto' is bf16 and fp16 also restores the GradScaler's scale."""
-    from fastlearn.training import learner_from_recipe
+    from fastlearn.train.learner import learner_from_recipe
     data = _image_folder(tmp_path / "data")
     r = Recipe(arch="test_resnet", pretrained=False, lr=1e-3, lr_find=False, size=32, bs=8, augment=True,
                flip=True, random_erasing=0.25, strategy="scratch", epochs=2, precision=precision)
@@ -399,10 +400,10 @@ def test_resume_with_augmentation_from_an_image_folder_is_bitwise_exact(tmp_path
 
 def test_pickled_learner_needs_trust_and_crafted_pickle_never_runs(tmp_path, image_folder):
     import pickle
-    from fastlearn.checkpoint import load_learner
-    from fastlearn.data import image_dls
-    from fastlearn.errors import CheckpointError
-    from fastlearn.learner import transfer_learner
+    from fastlearn.core.weights import load_learner
+    from fastlearn.data.dls import image_dls
+    from fastlearn.base.errors import CheckpointError
+    from fastlearn.train.learner import transfer_learner
     marker = tmp_path / "pwned"
 
     class Evil:

@@ -26,7 +26,7 @@ def test_recipes_list_fits_80_columns_when_piped(capsys, monkeypatch):
 
 
 def test_recipes_name_shows_every_key(capsys, tmp_path):
-    from fastlearn.recipes import load_recipe
+    from fastlearn.core.recipes import load_recipe
     assert main(["recipes", "imagenet_rn18_16"]) == 0
     out = capsys.readouterr().out
     assert "lr_ref_bs = 1024" in out and 'arch = "resnet18"' in out and "# drop_rate = (unset)" in out
@@ -63,11 +63,11 @@ def _commands_in(text: str) -> list[str]:
 
 
 def _source_strings() -> list[str]:
-    "Every string literal in fastlearn/*.py; an f-string's {holes} become the word X."
+    "Every string literal in fastlearn/**/*.py; an f-string's {holes} become the word X."
     import ast
     from pathlib import Path
     out = []
-    for path in sorted((Path(__file__).resolve().parent.parent / "fastlearn").glob("*.py")):
+    for path in sorted((Path(__file__).resolve().parent.parent / "fastlearn").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.JoinedStr):
                 out.append("".join(v.value if isinstance(v, ast.Constant) else "X" for v in node.values))
@@ -90,7 +90,7 @@ def _parses(cmd: str) -> None:
 def test_every_command_the_cli_and_readme_suggest_parses(capsys):
     "Hints in messages, help texts and docstrings, in `fastlearn recipes`' output and in README run as printed."
     from pathlib import Path
-    from fastlearn.recipe_view import recipe_list
+    from fastlearn.app.recipe_view import recipe_list
     hints = [c for s in _source_strings() for c in _commands_in(s)]
     hints += _commands_in(recipe_list(80))
     import json
@@ -206,7 +206,8 @@ def test_train_and_lr_find_end_to_end(tmp_path, image_folder):
 
 
 def test_resume_command_is_the_typed_command_plus_resume(monkeypatch):
-    from fastlearn.cli import _parser, _resume_command
+    from fastlearn.app.commands import resume_command as _resume_command
+    from fastlearn.cli import _parser
     a = _parser().parse_args(["train", "digits", "epochs=3", "lr=1e-3", "--data", "my data", "--out", "o",
                               "--checkpoint-steps", "50"])
     assert _resume_command(a, "runs/x") == ("fastlearn train digits --data 'my data' --run-dir runs/x --resume "
@@ -220,12 +221,13 @@ def test_resume_command_is_the_typed_command_plus_resume(monkeypatch):
 def test_interrupted_training_is_one_line_and_exit_128_plus_signal(monkeypatch, capsys):
     import signal
     from fastlearn import cli
-    from fastlearn.errors import TrainingInterrupted
+    from fastlearn.app import commands
+    from fastlearn.base.errors import TrainingInterrupted
 
     def stopped(a):
         raise TrainingInterrupted(signal.SIGTERM, "runs/x", "runs/x/checkpoints/ckpt-41.pt",
                                   "stage 2/3 epoch 1/2 batch 17/40", saved=True)
-    monkeypatch.setattr(cli, "_train", stopped)
+    monkeypatch.setattr(commands, "train", stopped)
     assert cli.main(["train", "digits", "--data", "digits", "epochs=3"]) == 143
     err = capsys.readouterr().err.strip()
     assert err == ("fastlearn: interrupted (SIGTERM) at stage 2/3 epoch 1/2 batch 17/40: checkpoint "
@@ -235,7 +237,7 @@ def test_interrupted_training_is_one_line_and_exit_128_plus_signal(monkeypatch, 
 
 def test_a_lone_stale_lock_does_not_count_as_a_run(tmp_path, capsys, monkeypatch):
     "A run killed while starting leaves only run.lock: starting afresh there is allowed (and takes the lock over)."
-    from fastlearn import training
+    from fastlearn.app import commands as training  # where `fastlearn train` builds its learner
     run = tmp_path / "run"
     run.mkdir()
     (run / "run.lock").write_text('{"pid": 999999999, "host": "h"}')

@@ -4,11 +4,10 @@ import warnings
 import pytest
 from torch import nn
 
-from fastlearn.compat import (Difference, LearnerRecipeWarning, differences, dls_image_size, learner_settings,
-                              reconcile)
-from fastlearn.errors import FastlearnError, RecipeMismatchError
-from fastlearn.learner import transfer_learner
-from fastlearn.recipes import load_recipe
+from fastlearn.train.compat import Difference, LearnerRecipeWarning, differences, dls_image_size, learner_settings, reconcile
+from fastlearn.base.errors import FastlearnError, RecipeMismatchError
+from fastlearn.train.learner import transfer_learner
+from fastlearn.core.recipes import load_recipe
 
 SAME = {"arch": "tf_efficientnet_lite0", "opt": "adamw", "lookahead": False, "wd": 0.01, "wd_norm_bias": False,
         "loss": "ce", "label_smoothing": 0.0, "size": 64, "bs": 32}   # what the digits recipe builds
@@ -68,7 +67,7 @@ def test_learner_settings_read_what_the_learner_was_built_with(dls):
 
 
 def test_dls_size_from_the_transforms(image_folder):
-    from fastlearn.data import image_dls
+    from fastlearn.data.dls import image_dls
     assert dls_image_size(image_dls(image_folder, size=24, bs=4)) == 24          # aug_transforms' batch size
     assert dls_image_size(image_dls(image_folder, size=24, bs=4, augment=False)) == 24   # the item Resize
 
@@ -98,7 +97,7 @@ def test_reconcile_refuses_a_plain_fastai_learner(dls):
 
 def test_fit_preset_on_own_learner_records_what_ran_and_takes_cbs(image_folder, tmp_path):
     from fastai.callback.core import Callback
-    from fastlearn.data import image_dls
+    from fastlearn.data.dls import image_dls
 
     class Seen(Callback):
         def __init__(self): self.fits, self.batches = 0, 0

@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from fastlearn import data as data_mod
-from fastlearn.data import IMAGENET_MEAN, IMAGENET_STD, FolderReport, check_image_folder, image_dls
-from fastlearn.errors import CorruptImageError, DataError, EmptyClassError, SingleClassError
+from fastlearn.data import dls as data_mod
+from fastlearn.data.dls import IMAGENET_MEAN, IMAGENET_STD, image_dls
+from fastlearn.data.folders import FolderReport, check_image_folder
+from fastlearn.base.errors import CorruptImageError, DataError, EmptyClassError, SingleClassError
 
 CPU = dict(device="cpu", num_workers=0, bs=4)
 
@@ -288,12 +289,11 @@ def test_default_stats_are_imagenet(tmp_path):
 
 @pytest.fixture
 def fake_models(monkeypatch):
-    "Stand-in for fastlearn.models so the arch path is tested without timm weights."
+    "Stand-ins for fastlearn.core.models' lookups, where image_dls calls them, so the arch path is tested without timm."
     calls = []
-    mod = types.ModuleType("fastlearn.models")
-    mod.model_stats = lambda arch, pretrained=True: calls.append(arch) or ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    mod.model_input_size = lambda arch: calls.append(arch) or 12
-    monkeypatch.setitem(sys.modules, "fastlearn.models", mod)
+    monkeypatch.setattr(data_mod, "model_stats",
+                        lambda arch, pretrained=True: calls.append(arch) or ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
+    monkeypatch.setattr(data_mod, "model_input_size", lambda arch: calls.append(arch) or 12)
     return calls
 
 
@@ -386,8 +386,8 @@ def test_rand_augment_invalid_config_is_named(tmp_path, bad):
 # --- CSV layout (fastlearn/labels.py): file names and labels in a CSV, fastai's from_csv conventions ---------------
 
 from conftest import write_csv_dataset  # noqa: E402
-from fastlearn.data import label_info  # noqa: E402
-from fastlearn.labels import CsvReport, check_csv  # noqa: E402
+from fastlearn.core.targets import label_info  # noqa: E402
+from fastlearn.data.labels import CsvReport, check_csv  # noqa: E402
 
 
 def _csv(path: Path, text: str) -> Path:

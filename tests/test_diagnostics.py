@@ -6,10 +6,8 @@ import torch
 from fastai.data.core import DataLoaders
 
 from conftest import make_blobs, synthetic_dls
-from fastlearn.diagnostics import (Diagnosis, balance_verdict, diagnose, doctor_main, duplicates_verdict,
-                                   generalise_verdict, initial_loss_verdict, normalisation_verdict,
-                                   read_epoch_rows, sanity_check, check_duplicates)
-from fastlearn.learner import transfer_learner
+from fastlearn.app.diagnostics import Diagnosis, balance_verdict, diagnose, doctor_main, duplicates_verdict, generalise_verdict, initial_loss_verdict, normalisation_verdict, read_epoch_rows, sanity_check, check_duplicates
+from fastlearn.train.learner import transfer_learner
 
 
 def _dls(x, y, bs=16):
@@ -135,7 +133,7 @@ def _folder(root, dup: bool):
 
 
 def test_duplicate_image_files_found_by_hash(tmp_path):
-    from fastlearn.data import image_dls
+    from fastlearn.data.dls import image_dls
     dls = image_dls(_folder(tmp_path, dup=True), size=16, bs=4, augment=False, num_workers=0)
     res = check_duplicates(dls)
     assert not res.passed and res.numbers["valid_items_also_in_train"] == 1

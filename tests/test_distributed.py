@@ -16,9 +16,9 @@ from fastai.distributed import DistributedDL
 from fastai.torch_core import to_detach
 from torch import nn
 
-from fastlearn.distributed import (FullValidDL, ShardedDL, _bn_modules, _put_back, broadcast_object,
-                                   distributed_ctx, global_batch_size, is_main_process, rank, world_size)
-from fastlearn.errors import FastlearnError
+from fastlearn.fit.distributed import FullValidDL, ShardedDL, _bn_modules, _put_back, distributed_ctx
+from fastlearn.base.ranks import broadcast_object, global_batch_size, is_main_process, rank, world_size
+from fastlearn.base.errors import FastlearnError
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -98,7 +98,7 @@ def test_full_valid_dl_is_whole_and_never_gathers(monkeypatch):
 
 def test_sync_bn_conversion_is_undone_with_shared_weights():
     from timm.layers import convert_sync_batchnorm
-    from fastlearn.models import create_model
+    from fastlearn.core.models import create_model
     model = create_model("test_resnet", 3, pretrained=False)
     saved = _bn_modules(model)
     w = {n: m.weight for n, m in saved.items()}
@@ -215,7 +215,7 @@ def test_validation_is_the_full_set_once_and_the_same_on_every_rank(ddp_run, ref
 def test_lr_find_sweeps_once_at_the_global_batch(ddp_run):
     # One sweep on both ranks together (the loss it watches is averaged over ranks), so it measures the
     # batch size that trains: 2 x 8; the same sweep as one process at batch 16, and rank 0's peak everywhere.
-    from fastlearn.lr_finder import lr_find
+    from fastlearn.core.lr_finder import lr_find
     _, _, (d0, d1) = ddp_run
     f0, f1 = d0["lr_find"], d1["lr_find"]
     assert f0["restored"] and f1["restored"]  # weights back exactly as before the sweep, on each rank

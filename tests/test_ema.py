@@ -8,10 +8,10 @@ from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.optimizer import SGD
 
-from fastlearn.callbacks import recipe_callbacks
-from fastlearn.ema import EMA
-from fastlearn.learner import transfer_learner
-from fastlearn.recipes import load_recipe
+from fastlearn.train.recipe_callbacks import recipe_callbacks
+from fastlearn.fit.ema import EMA
+from fastlearn.train.learner import transfer_learner
+from fastlearn.core.recipes import load_recipe
 
 from conftest import make_blobs, synthetic_dls
 

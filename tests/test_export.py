@@ -8,8 +8,8 @@ from PIL import Image
 
 from fastlearn.cli import main
 
-from fastlearn.export import export_run
-from fastlearn.run_folder import load_run
+from fastlearn.run.export import export_run
+from fastlearn.run.predict import load_run
 
 
 def _batch(n, size=32, seed=3):
@@ -40,7 +40,7 @@ def test_onnx_export_matches_pytorch(trained_run, tmp_path):
 
 def test_missing_onnx_is_a_clear_error(trained_run, monkeypatch):
     import sys
-    from fastlearn.errors import MissingExtraError
+    from fastlearn.base.errors import MissingExtraError
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if onnxruntime were not installed
     with pytest.raises(MissingExtraError, match=r"^export --format onnx needs onnxruntime: pip install 'fastlearn\[onnx\]'$"):
         export_run(trained_run[2], "onnx")

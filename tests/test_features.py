@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastlearn.features import extract_features, feature_head, head_learner, supports_feature_head
-from fastlearn.models import create_model
+from fastlearn.train.features import extract_features, feature_head, head_learner, supports_feature_head
+from fastlearn.core.models import create_model
 
 
 @pytest.mark.parametrize("arch", ["test_resnet", "test_efficientnet", "test_convnext", "test_vit"])
@@ -23,7 +23,7 @@ def test_a_model_without_timm_head_api_is_not_supported():
 
 @pytest.fixture
 def learner(image_folder):
-    from fastlearn.training import learner_from_recipe
+    from fastlearn.train.learner import learner_from_recipe
     learn, _ = learner_from_recipe(image_folder, "transfer", {"arch": "test_resnet", "pretrained": False, "size": 32,
                                                                  "bs": 8}, progress=False)
     return learn
@@ -50,7 +50,7 @@ def test_head_on_features_is_the_models_head(learner):
 
 
 def test_bn_statistics_re_estimated_only_above_the_shift_threshold(learner):
-    from fastlearn.features import _features, _loader
+    from fastlearn.train.features import pooled_features, subset_loader
     before = copy.deepcopy(learner.model.state_dict())
     f = extract_features(learner, bs=8, adapt_bn_above=f_shift_plus_one(learner))
     assert not f.bn_adapted and all(torch.equal(v, learner.model.state_dict()[k]) for k, v in before.items())
@@ -62,7 +62,7 @@ def test_bn_statistics_re_estimated_only_above_the_shift_threshold(learner):
     h = first.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().mean((0, 2, 3)) * a[0].shape[0]))
     learner.model.eval()
     with torch.no_grad():
-        xs, _ = _features(learner.model, _loader(learner.dls, learner.dls.train_ds,
+        xs, _ = pooled_features(learner.model, subset_loader(learner.dls, learner.dls.train_ds,
                                                  list(range(len(learner.dls.train_ds))), 8))
     h.remove()
     mean = torch.stack(seen).sum(0) / len(learner.dls.train_ds)

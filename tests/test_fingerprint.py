@@ -4,9 +4,9 @@ import shutil
 
 import pytest
 
-from fastlearn.data import check_image_folder
-from fastlearn.errors import DataChangedError
-from fastlearn.fingerprint import data_diff, dls_fingerprint, files_hash, folder_fingerprint, record_data
+from fastlearn.data.folders import check_image_folder
+from fastlearn.base.errors import DataChangedError
+from fastlearn.run.fingerprint import data_diff, dls_fingerprint, files_hash, folder_fingerprint, record_data
 from conftest import synthetic_dls, write_image_folder
 
 
@@ -59,7 +59,7 @@ def test_dataloaders_without_a_folder_report_record_what_is_known():
 
 
 def test_record_data_writes_checks_refuses_and_accepts(folder, tmp_path, capsys):
-    from fastlearn.data import image_dls
+    from fastlearn.data.dls import image_dls
     run = tmp_path / "run"
     run.mkdir()
     dls = image_dls(folder, size=16, bs=4)

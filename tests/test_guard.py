@@ -8,10 +8,11 @@ import torch
 from fastai.callback.core import Callback, CancelStepException
 from fastai.torch_core import set_seed
 
-from fastlearn.checkpoint import Checkpointer, latest_checkpoint, load_weights, read_state
-from fastlearn.errors import NonFiniteError
-from fastlearn.guard import NonFiniteGuard, grad_norm, is_finite
-from fastlearn.learner import transfer_learner
+from fastlearn.run.checkpoint import Checkpointer, latest_checkpoint, read_state
+from fastlearn.core.weights import load_weights
+from fastlearn.base.errors import NonFiniteError
+from fastlearn.fit.guard import NonFiniteGuard, grad_norm, is_finite
+from fastlearn.train.learner import transfer_learner
 from conftest import synthetic_dls
 
 

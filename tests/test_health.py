@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import synthetic_dls
-from fastlearn.health import HealthMonitor, HealthWarning, health_problems, update_ratio
-from fastlearn.learner import transfer_learner
+from fastlearn.fit.health import HealthMonitor, HealthWarning, health_problems, update_ratio
+from fastlearn.train.learner import transfer_learner
 
 
 def _row(ratio=1e-3, grad=1.0, group="2", lr=1e-3):

@@ -8,10 +8,10 @@ from fastai.losses import BCEWithLogitsLossFlat, CrossEntropyLossFlat, LabelSmoo
 from fastai.optimizer import OptimWrapper
 from fastai.torch_core import TensorBase, TensorCategory, TensorImage, set_seed
 
-from fastlearn.hotpath import DeviceSmoothLoss, EventTable, LeanLearner, event_handlers, flat_loss
-from fastlearn.learner import TransferLearner, transfer_learner
-from fastlearn.optim import LeanOptimWrapper, OptFunc
-from fastlearn.training import HyperTrace
+from fastlearn.core.hotpath import DeviceSmoothLoss, EventTable, LeanLearner, event_handlers, flat_loss
+from fastlearn.train.learner import TransferLearner, transfer_learner
+from fastlearn.core.optim import LeanOptimWrapper, OptFunc
+from fastlearn.run.records import HyperTrace
 from conftest import synthetic_dls
 
 

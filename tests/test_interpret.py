@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from sklearn.metrics import classification_report
 
-from fastlearn.interpret import Interpretation, interpret, interpret_run, per_class_metrics, plot_top_losses
+from fastlearn.run.interpret import Interpretation, interpret, interpret_run, per_class_metrics, plot_top_losses
 from conftest import synthetic_dls
 
 
@@ -68,7 +68,7 @@ def test_multi_label_decisions_use_the_threshold():
 def test_tensor_data_gets_metrics_and_matrix_without_images(tmp_path):
     "A learner over tensors (no files, no vocab): class names are the indices, no top-loss grid."
     from matplotlib import pyplot as plt
-    from fastlearn.learner import transfer_learner
+    from fastlearn.train.learner import transfer_learner
     learn = transfer_learner(synthetic_dls(), "test_resnet", pretrained=False, progress=False)
     figures = plt.get_fignums()
     per_class = interpret_run(learn, tmp_path, show=False)
@@ -85,8 +85,8 @@ def test_multi_label_learner_gets_card_and_interpretation(trained_run, tmp_path)
     from fastai.vision.augment import Resize
     from fastai.vision.data import ImageBlock
     from fastai.data.transforms import GrandparentSplitter, get_image_files
-    from fastlearn.learner import transfer_learner
-    from fastlearn.run_folder import model_card
+    from fastlearn.train.learner import transfer_learner
+    from fastlearn.run.card import model_card
     learn, _, _ = trained_run
     extra = {"a": ["a", "warm"], "b": ["b"], "c": ["c", "cold"]}  # two labels on some images
     block = DataBlock(blocks=(ImageBlock, MultiCategoryBlock), get_items=get_image_files,

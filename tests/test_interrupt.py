@@ -17,13 +17,13 @@ from fastai.callback.core import Callback
 from fastai.torch_core import set_seed
 from safetensors.torch import load_file
 
-import fastlearn.interrupt as it
-from fastlearn.checkpoint import latest_checkpoint, read_state, resume_state
-from fastlearn.errors import TrainingInterrupted
-from fastlearn.interrupt import interrupt_guard
-from fastlearn.learner import transfer_learner
-from fastlearn.recipes import Recipe
-from fastlearn.training import run_recipe
+import fastlearn.train.interrupt as it
+from fastlearn.run.checkpoint import latest_checkpoint, read_state, resume_state
+from fastlearn.base.errors import TrainingInterrupted
+from fastlearn.train.interrupt import interrupt_guard
+from fastlearn.train.learner import transfer_learner
+from fastlearn.core.recipes import Recipe
+from fastlearn.train.runner import run_recipe
 from conftest import synthetic_dls, write_image_folder
 
 
@@ -162,7 +162,7 @@ def test_signal_checkpoints_at_the_next_batch_boundary_and_resume_is_exact(tmp_p
 
 
 def test_resume_before_the_first_checkpoint_starts_from_the_beginning(tmp_path, reference, capsys):
-    from fastlearn.fingerprint import record_data
+    from fastlearn.run.fingerprint import record_data
     learn = _learner()
     record_data(learn.dls, tmp_path)  # what a run stopped in lr_find leaves: its data.json, no checkpoint
     res = run_recipe(learn, Recipe(**SMALL), run_dir=tmp_path, resume=True)
@@ -177,7 +177,7 @@ ARGS = ["arch=test_resnet", "pretrained=false", "size=32", "bs=4", "lr_find=fals
         "epochs=3", "num_workers=0"]  # one stage of 3 epochs x 12 batches: a signal after epoch 1 lands mid-stage
 SLOW_WRITE = """
 import sys, time
-import fastlearn.checkpoint as ck, fastlearn.interrupt as it
+import fastlearn.run.checkpoint as ck, fastlearn.train.interrupt as it
 real, after_batch = ck.atomic_write, it.StopOnSignal.after_batch
 def slow(path, write):  # the checkpoint the stop writes takes 30 s: time for a second Ctrl-C
     if it._active is not None and it._active.signum and str(path).endswith('.pt'):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastlearn.keep import Candidate, KeepBest, better
+from fastlearn.fit.keep import Candidate, KeepBest, better
 
 
 def test_rule():

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import write_csv_dataset
-from fastlearn.errors import RecipeError
-from fastlearn.labels import class_counts, is_multi_label, label_info, multi_label_probe
-from fastlearn.recipes import load_recipe
+from fastlearn.base.errors import RecipeError
+from fastlearn.core.targets import class_counts, is_multi_label, label_info, multi_label_probe
+from fastlearn.core.recipes import load_recipe
 
 TINY = {"arch": "test_resnet", "pretrained": False, "size": 32, "bs": 8, "num_workers": 0}
 
@@ -22,14 +22,14 @@ def multi_csv(tmp_path_factory):
 
 
 def _learner(csv_path, **over):
-    from fastlearn.training import learner_from_recipe
+    from fastlearn.train.learner import learner_from_recipe
     return learner_from_recipe(csv_path, "transfer", {**TINY, "multi_label": True, "fn_col": "image",
                                                       "label_col": "tags", **over}, progress=False)
 
 
 def test_multi_label_run_learns_with_bce(multi_csv, tmp_path):
     from fastai.losses import BCEWithLogitsLossFlat
-    from fastlearn.training import run_recipe
+    from fastlearn.train.runner import run_recipe
     learn, r = _learner(multi_csv, lr=1e-2, head_epochs=1, epochs=3, unfreeze_step=10)
     assert isinstance(learn.loss_func, BCEWithLogitsLossFlat) and learn.loss_func.thresh == 0.5
     assert [m.name for m in learn.metrics] == ["accuracy_multi", "f1_macro"]
@@ -47,7 +47,7 @@ def test_multi_label_run_learns_with_bce(multi_csv, tmp_path):
 
 
 def test_lr_find_and_auto_work_on_multi_label(multi_csv):
-    from fastlearn.strategy import choose_strategy
+    from fastlearn.train.strategy import choose_strategy
     learn, r = _learner(multi_csv)
     found = learn.find_lr(num_it=30)
     assert 1e-7 < found.start <= found.peak < 10 and all(math.isfinite(v) for v in found.losses[:10])
@@ -58,7 +58,7 @@ def test_lr_find_and_auto_work_on_multi_label(multi_csv):
 
 
 def test_sanity_checks_use_bce_on_multi_label(multi_csv):
-    from fastlearn.diagnostics import sanity_check
+    from fastlearn.app.diagnostics import sanity_check
     learn, _ = _learner(multi_csv)
     checks = {c.name: c for c in sanity_check(learn, n_batches=4, overfit_batches=2, overfit_steps=30)}
     init = checks["initial_loss"]
@@ -68,7 +68,7 @@ def test_sanity_checks_use_bce_on_multi_label(multi_csv):
 
 
 def test_label_info_and_counts(multi_csv):
-    from fastlearn.data import image_dls
+    from fastlearn.data.dls import image_dls
     dls = image_dls(multi_csv, size=16, bs=8, multi_label=True, threshold=0.4, fn_col="image", label_col="tags",
                     device="cpu", num_workers=0)
     assert is_multi_label(dls) and label_info(dls)["threshold"] == 0.4
@@ -79,8 +79,8 @@ def test_label_info_and_counts(multi_csv):
 
 
 def test_single_label_options_are_refused_for_multi_label(multi_csv):
-    from fastlearn.losses import make_loss
-    from fastlearn.data import image_dls
+    from fastlearn.core.losses import make_loss
+    from fastlearn.data.dls import image_dls
     for over, word in (({"loss": "focal"}, "'focal'"), ({"label_smoothing": 0.1}, "label_smoothing")):
         with pytest.raises(RecipeError, match=f"multi_label.*{word}"):
             load_recipe("transfer", {"multi_label": True, **over})

@@ -8,8 +8,8 @@ from fastai.learner import Learner
 from fastai.torch_core import norm_types
 from torch import nn
 
-from fastlearn.layer_groups import group_index_of, layer_group_names, layer_groups, n_groups, splitter
-from fastlearn.models import create_model
+from fastlearn.core.layer_groups import group_index_of, layer_group_names, layer_groups, n_groups, splitter
+from fastlearn.core.models import create_model
 
 ARCHS = ["test_resnet", "test_efficientnet", "test_convnext", "test_vit"]
 

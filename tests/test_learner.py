@@ -5,8 +5,8 @@ import torch
 from fastai.callback.core import Callback
 from torch import nn
 
-from fastlearn.errors import LabelRangeError, UnknownArchError
-from fastlearn.learner import transfer_learner
+from fastlearn.base.errors import LabelRangeError, UnknownArchError
+from fastlearn.train.learner import transfer_learner
 from conftest import synthetic_dls
 
 

@@ -5,10 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fastlearn.data import image_dls
-from fastlearn.loader import (EncodedImages, PersistentDL, ReadEncoded, cache_budget, check_decode, collate_encoded,
-                              cpu_quota, decode_image, decode_jpegs_on, image_cache_for, usable_cpus)
-from fastlearn.recipes import Recipe
+from fastlearn.data.dls import image_dls
+from fastlearn.data.loader import EncodedImages, PersistentDL, ReadEncoded, cache_budget, check_decode, collate_encoded, cpu_quota, decode_image, decode_jpegs_on, image_cache_for, usable_cpus
+from fastlearn.core.recipes import Recipe
 
 
 def _batches(dl, epochs):
@@ -109,7 +108,7 @@ def test_gpu_decode_is_a_recipe_switch_that_needs_cuda(image_folder):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_gpu_decode_pipeline_runs_with_the_cpu_decoder(tmp_path, monkeypatch, workers):
     "image_dls(decode='cuda') end to end, nvJPEG's place taken by torchvision's CPU decoder (no CUDA here)."
-    import fastlearn.loader as loader
+    import fastlearn.data.loader as loader
     for split in ("train", "valid"):
         for c in ("a", "b"):
             (tmp_path / split / c).mkdir(parents=True)

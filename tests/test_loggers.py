@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from fastlearn.errors import RecipeError
-from fastlearn.loggers import EpochLogger, MissingDependencyError, MLflowLogger, check_loggers, logger_callbacks
-from fastlearn.recipes import load_recipe
+from fastlearn.base.errors import RecipeError
+from fastlearn.run.loggers import EpochLogger, MissingDependencyError, MLflowLogger, check_loggers, logger_callbacks
+from fastlearn.core.recipes import load_recipe
 
 TOOLS = [n for n, mod in (("tensorboard", "tensorboard"), ("mlflow", "mlflow"), ("wandb", "wandb"))
          if importlib.util.find_spec(mod) is not None]
@@ -31,7 +31,8 @@ def _offline(mp, tmp: Path) -> None:
 @pytest.fixture(scope="module")
 def logged_run(tmp_path_factory, image_folder):
     "One tiny run with every installed logger; its run folder and metrics.csv rows."
-    from fastlearn.training import learner_from_recipe, run_recipe
+    from fastlearn.train.learner import learner_from_recipe
+    from fastlearn.train.runner import run_recipe
     if not TOOLS:
         pytest.skip("no logger package installed (pip install 'fastlearn[tensorboard,mlflow,wandb]')")
     tmp = tmp_path_factory.mktemp("logged")
@@ -120,7 +121,7 @@ def test_logger_names_are_validated(loggers, words):
 
 
 def test_loggers_from_the_command_line():
-    from fastlearn.recipes import parse_overrides
+    from fastlearn.core.recipes import parse_overrides
     assert load_recipe("transfer", parse_overrides(["loggers=tensorboard,mlflow"])).loggers == ("tensorboard", "mlflow")
     assert load_recipe("transfer", parse_overrides(['loggers=["wandb"]'])).loggers == ("wandb",)
     assert load_recipe("transfer").loggers == ()
@@ -130,7 +131,7 @@ def test_loggers_from_the_command_line():
 
 def test_missing_package_names_the_extra_before_the_data_is_read(monkeypatch, tmp_path, capsys):
     from fastlearn.cli import main
-    from fastlearn.training import learner_from_recipe
+    from fastlearn.train.learner import learner_from_recipe
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
     with pytest.raises(MissingDependencyError, match=r"pip install 'fastlearn\[wandb\]'"):
         check_loggers(["csv", "wandb"])
@@ -142,7 +143,7 @@ def test_missing_package_names_the_extra_before_the_data_is_read(monkeypatch, tm
 
 
 def test_only_the_main_process_logs(monkeypatch):
-    import fastlearn.distributed as dist
+    import fastlearn.run.loggers as dist
     monkeypatch.setattr(dist, "is_main_process", lambda: False)
     assert logger_callbacks(load_recipe("transfer", {"loggers": TOOLS or ["csv"]}), "unused") == []
 

@@ -4,9 +4,9 @@ import torch.nn.functional as F
 from fastai.data.core import DataLoaders
 from fastai.losses import CrossEntropyLossFlat, FocalLossFlat, LabelSmoothingCrossEntropyFlat
 
-from fastlearn.data import image_dls
-from fastlearn.errors import DataError
-from fastlearn.losses import class_weights, make_loss
+from fastlearn.data.dls import image_dls
+from fastlearn.base.errors import DataError
+from fastlearn.core.losses import class_weights, make_loss
 
 from conftest import write_image_folder
 

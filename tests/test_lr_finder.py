@@ -9,8 +9,8 @@ import torch
 from fastai.learner import Learner
 from torch import nn
 
-from fastlearn.lr_finder import learner_snapshot, lr_find, suggest_lrs
-from fastlearn.optim import opt_func
+from fastlearn.core.lr_finder import learner_snapshot, lr_find, suggest_lrs
+from fastlearn.core.optim import opt_func
 from conftest import synthetic_dls
 
 
@@ -180,8 +180,8 @@ def _good_range(ft_acc: dict) -> tuple[float, float]:
 @pytest.mark.parametrize("path", CURVES, ids=[p.stem for p in CURVES])
 def test_default_ft_lr_rule_lands_in_the_measured_good_range(path):
     import json
-    from fastlearn.lr_finder import suggest
-    from fastlearn.recipes import load_recipe
+    from fastlearn.core.lr_finder import suggest
+    from fastlearn.core.recipes import load_recipe
     d = json.loads(path.read_text())
     r = load_recipe("transfer")
     lo, hi = _good_range(d["ft_acc"])
@@ -195,7 +195,7 @@ def test_default_ft_lr_rule_lands_in_the_measured_good_range(path):
 # -- the plot shows the region that matters; start == peak says why (issue 22) ------------------------------------
 
 def test_plot_ylim_is_the_loss_before_the_blow_up():
-    from fastlearn.lr_finder import lr_plot_ylim
+    from fastlearn.core.lr_finder import lr_plot_ylim
     lrs = np.geomspace(1e-6, 10, 100)
     losses = synthetic_curve(lrs)                              # plateau 2.3, lowest ~0.5, then blows up to ~1e6
     cut = next(i for i in range(len(losses)) if losses[i] > 4 * losses[: i + 1].min())
@@ -217,7 +217,7 @@ def _two_marks(fig):
 
 @pytest.mark.parametrize("same", [True, False])
 def test_plot_marks_start_and_peak_apart_and_in_the_legend(same):
-    from fastlearn.lr_finder import LRFindResult, _lr_find_figure, lr_plot_ylim
+    from fastlearn.core.lr_finder import LRFindResult, _lr_find_figure, lr_plot_ylim
     lrs = np.geomspace(1e-6, 10, 100)
     losses = synthetic_curve(lrs)
     res = LRFindResult(peak=3e-2, start=3e-2 if same else 2.9e-2, lrs=list(lrs), losses=list(losses))
@@ -233,7 +233,7 @@ def test_plot_marks_start_and_peak_apart_and_in_the_legend(same):
 
 
 def test_start_note_says_why_start_equals_peak():
-    from fastlearn.lr_finder import start_note
+    from fastlearn.core.lr_finder import start_note
     lrs = np.geomspace(1e-6, 10, 100)
     assert start_note(lrs, synthetic_curve(lrs)) == ""                 # start below peak: nothing to explain
     x = np.log10(lrs)                                                  # flat, then a short steep fall just below
@@ -249,6 +249,6 @@ def test_start_note_says_why_start_equals_peak():
 
 
 def test_lr_find_result_carries_the_note(tmp_path):
-    from fastlearn.lr_finder import start_note
+    from fastlearn.core.lr_finder import start_note
     res = lr_find(tiny_learner(), num_it=40, plot=tmp_path / "lr.png")
     assert res.note == start_note(res.lrs, res.losses) and (res.note != "") == (res.start == res.peak)

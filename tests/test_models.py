@@ -11,9 +11,8 @@ from skimage import data as skdata
 from skimage.transform import resize
 
 from fastlearn import models
-from fastlearn.errors import LabelRangeError, UnknownArchError, WeightsError
-from fastlearn.models import (OFFLINE_WEIGHTS, check_head, create_model, is_convolutional, load_offline_weights,
-                              model_input_size, model_n_out, model_stats, offline_weights_path)
+from fastlearn.base.errors import LabelRangeError, UnknownArchError, WeightsError
+from fastlearn.core.models import OFFLINE_WEIGHTS, check_head, create_model, is_convolutional, load_offline_weights, model_input_size, model_n_out, model_stats, offline_weights_path
 
 LITE0 = "tf_efficientnet_lite0"
 

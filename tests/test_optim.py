@@ -6,9 +6,9 @@ import torch
 from fastai.callback.core import Callback
 from fastai.optimizer import Adam, SGD
 
-from fastlearn.learner import transfer_learner
-from fastlearn.optim import opt_func, split_decay
-from fastlearn.schedules import one_cycle_lr, one_cycle_mom
+from fastlearn.train.learner import transfer_learner
+from fastlearn.core.optim import opt_func, split_decay
+from fastlearn.core.schedules import one_cycle_lr, one_cycle_mom
 from conftest import synthetic_dls
 
 

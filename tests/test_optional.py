@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fastlearn._optional import EXTRAS, require
-from fastlearn.errors import FastlearnError, MissingExtraError
+from fastlearn.base.extras import EXTRAS, require
+from fastlearn.base.errors import FastlearnError, MissingExtraError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import fastlearn
-from fastlearn.recipes import list_recipes
+from fastlearn.core.recipes import list_recipes
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = sorted(list_recipes())
@@ -66,11 +66,12 @@ def _imported_from(python, cwd, **env) -> Path:
 
 def test_wheel_holds_the_package_and_the_recipes(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    for p in (ROOT / "fastlearn").glob("*.py"):
-        assert f"fastlearn/{p.name}" in names, p.name            # setup.cfg lists the packages by hand
+    for p in (ROOT / "fastlearn").rglob("*.py"):
+        rel = p.relative_to(ROOT).as_posix()
+        assert rel in names, rel                                 # setup.cfg lists the packages by hand
     assert {f"fastlearn/presets/{n}.toml" for n in NAMES} <= names
     assert not any(n.startswith(("recipes/", "share/", "tests/")) for n in names)
-    assert wheel.name.startswith(f"fastlearn-{fastlearn.__version__}-")   # setup.cfg reads fastlearn.__version__
+    assert wheel.name.startswith(f"fastlearn-{fastlearn.__version__}-")   # setup.cfg reads fastlearn/base/version.py
 
 
 def test_wheel_in_a_fresh_venv_runs_fastlearn_recipes(wheel, tmp_path):

@@ -9,11 +9,9 @@ from fastai.callback.training import GradientClip
 from fastcore.foundation import L
 from torch.amp import GradScaler
 
-from fastlearn.learner import transfer_learner
-from fastlearn.precision import (ChannelsLastBatch, CompileAfterUnfreeze, LossScaleState, SkippedSteps, TF32, amp_callbacks,
-                                 choose_precision, precision_callbacks, set_tf32, speed_callbacks,
-                                 trainable_layer_groups, use_channels_last)
-from fastlearn.recipes import load_recipe
+from fastlearn.train.learner import transfer_learner
+from fastlearn.fit.precision import ChannelsLastBatch, CompileAfterUnfreeze, LossScaleState, SkippedSteps, TF32, amp_callbacks, choose_precision, precision_callbacks, set_tf32, speed_callbacks, trainable_layer_groups, use_channels_last
+from fastlearn.core.recipes import load_recipe
 from conftest import needs_cuda, synthetic_dls
 
 
@@ -179,7 +177,7 @@ def test_channels_last_callback_converts_model_and_batch():
     w = next(m.weight for m in learn.model.modules() if isinstance(m, torch.nn.Conv2d))
     assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
     assert seen and all(seen)
-    from fastlearn.resize import ProgressiveResize     # a resized batch is converted, not the original
+    from fastlearn.fit.resize import ProgressiveResize     # a resized batch is converted, not the original
     assert ChannelsLastBatch.order > ProgressiveResize.order
 
 
@@ -238,16 +236,19 @@ def test_compile_after_unfreeze_inductor():
         raise
 
 
-def test_speed_callbacks_from_recipe_on_cpu():
+def test_speed_callbacks_from_recipe_on_cpu(tmp_path):
     learn = transfer_learner(synthetic_dls(), "test_resnet", pretrained=False, progress=False)
-    from fastlearn.precision import Determinism
+    from fastlearn.fit.precision import Determinism
     assert [type(c) for c in speed_callbacks(learn, load_recipe("transfer", {"precision": "auto"}))] == [Determinism]
     cbs = speed_callbacks(learn, load_recipe("transfer", {"channels_last": True, "compile": True,
-                                                          "strategy": "linear_probe"}))
+                                                          "strategy": "linear_probe"}), final_trainable=1)
     assert [type(c) for c in cbs] == [Determinism, ChannelsLastBatch, CompileAfterUnfreeze]
-    assert cbs[2].final_trainable == 1                        # linear probe: the only stage is the head
-    cbs = speed_callbacks(learn, load_recipe("transfer", {"compile": True, "strategy": "full"}))
-    assert cbs[-1].final_trainable == learn.n_layer_groups
+    assert cbs[2].final_trainable == 1
+    # the recipe's callbacks pass the last stage of the plan: the head for a linear probe, everything for `full`
+    from fastlearn.train.recipe_callbacks import recipe_callbacks
+    for strategy, final in (("linear_probe", 1), ("full", learn.n_layer_groups)):
+        cbs = recipe_callbacks(learn, load_recipe("transfer", {"compile": True, "strategy": strategy}), tmp_path)
+        assert [c for c in cbs if isinstance(c, CompileAfterUnfreeze)][0].final_trainable == final
 
 
 @pytest.mark.parametrize("precision", [pytest.param(p, marks=needs_cuda) for p in ("bf16", "fp16")])
@@ -280,14 +281,14 @@ def test_mixed_precision_training_on_cuda(precision):
 # -- deterministic or fast ---------------------------------------------------------------------------------------
 
 def test_deterministic_auto_is_on_for_cpu_off_for_cuda():
-    from fastlearn.precision import resolve_deterministic
+    from fastlearn.fit.precision import resolve_deterministic
     assert resolve_deterministic(None, "cpu") is True
     assert resolve_deterministic(None, "cuda") is False
     assert resolve_deterministic(True, "cuda") is True and resolve_deterministic(False, "cpu") is False
 
 
 def test_set_deterministic_switches_cudnn_and_torch_algorithms():
-    from fastlearn.precision import set_deterministic
+    from fastlearn.fit.precision import set_deterministic
     try:
         set_deterministic(False)
         assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
@@ -300,8 +301,8 @@ def test_set_deterministic_switches_cudnn_and_torch_algorithms():
 
 
 def test_deterministic_recipe_key_reaches_the_fit():
-    from fastlearn.precision import Determinism, speed_callbacks
-    from fastlearn.recipes import Recipe
+    from fastlearn.fit.precision import Determinism, speed_callbacks
+    from fastlearn.core.recipes import Recipe
     with pytest.raises(ValueError, match="deterministic"):
         Recipe(deterministic="yes")
     learn = transfer_learner(synthetic_dls(), "test_resnet", pretrained=False, progress=False)
@@ -313,14 +314,14 @@ def test_deterministic_recipe_key_reaches_the_fit():
         learn.fit(1, cbs=speed_callbacks(learn, Recipe(arch="test_resnet")))  # auto on a CPU learner: on
         assert torch.are_deterministic_algorithms_enabled()
     finally:
-        from fastlearn.precision import set_deterministic
+        from fastlearn.fit.precision import set_deterministic
         set_deterministic(True)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU machine)")
 def test_deterministic_auto_on_cuda_turns_the_autotuner_on():
-    from fastlearn.precision import Determinism, set_deterministic
+    from fastlearn.fit.precision import Determinism, set_deterministic
     learn = transfer_learner(synthetic_dls(device="cuda"), "test_resnet", pretrained=False, progress=False)
     try:
         learn.fit(1, cbs=[Determinism(None)])

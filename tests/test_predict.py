@@ -8,12 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from fastlearn.checkpoint import save_weights
+from fastlearn.core.weights import save_weights
 from fastlearn.cli import main
-from fastlearn.errors import CorruptImageError, DataError
-from fastlearn.models import create_model
-from fastlearn.predict import find_images, preprocess, tta_views, load_image, _view
-from fastlearn.run_folder import MODEL_CARD, load_run, write_model_card
+from fastlearn.base.errors import CorruptImageError, DataError
+from fastlearn.core.models import create_model
+from fastlearn.run.predict import find_images, preprocess, tta_views, load_image, _view
+from fastlearn.run.card import MODEL_CARD, write_model_card
+from fastlearn.run.predict import load_run
 from conftest import needs_cuda
 
 
@@ -35,10 +36,10 @@ def test_probabilities_equal_fastai_get_preds_on_the_validation_set(trained_run)
 
 def test_device_side_valid_resize_is_reproduced(trained_run, tmp_path):
     "A recipe that loads at 40 px and evaluates at valid_size 32 (progressive resizing): the same on predict."
-    from fastlearn.data import image_dls
-    from fastlearn.learner import transfer_learner
-    from fastlearn.recipes import load_recipe
-    from fastlearn.resize import ProgressiveResize
+    from fastlearn.data.dls import image_dls
+    from fastlearn.train.learner import transfer_learner
+    from fastlearn.core.recipes import load_recipe
+    from fastlearn.fit.resize import ProgressiveResize
     learn, _, run_dir = trained_run
     folder = learn.dls.path
     dls = image_dls(folder, size=40, bs=8, arch="test_resnet", num_workers=0)

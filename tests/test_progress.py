@@ -1,8 +1,8 @@
 """Progress: one plain line per epoch where output is not a terminal, never a bar redraw; final table."""
 import io
 
-from fastlearn.learner import transfer_learner
-from fastlearn.progress import EpochProgress, summary_table
+from fastlearn.train.learner import transfer_learner
+from fastlearn.base.progress import EpochProgress, summary_table
 from conftest import synthetic_dls
 
 
@@ -27,7 +27,7 @@ def test_summary_table_text(capsys):
 
 
 def test_piped_width_is_columns_or_80(monkeypatch):
-    from fastlearn.progress import console, console_width
+    from fastlearn.base.console import console, console_width
     monkeypatch.delenv("COLUMNS", raising=False)
     assert console_width() == 80 and console().width == 80       # not a terminal (pytest captures)
     monkeypatch.setenv("COLUMNS", "132")

@@ -25,8 +25,8 @@ def test_ci_runs_readme_test_command():
 def test_quickstart_command_names_a_real_recipe_and_sample():
     cmd = readme_command(1)
     m = re.search(r"fastlearn train (\S+) --data (\S+)", cmd)
-    from fastlearn.recipes import list_recipes
-    from fastlearn.samples import is_sample_name
+    from fastlearn.core.recipes import list_recipes
+    from fastlearn.data.samples import is_sample_name
     assert m and m.group(1) in list_recipes() and is_sample_name(m.group(2))
 
 
@@ -54,7 +54,7 @@ def _figures(text: str) -> dict:
 
 def test_quickstart_figures_are_the_digits_recipes():
     "README's quickstart states the digits recipe's `expected` figures (update both when re-measuring)."
-    from fastlearn.recipes import load_recipe
+    from fastlearn.core.recipes import load_recipe
     readme, recipe = _figures(_quickstart_paragraph()), _figures(load_recipe("digits").expected)
     assert recipe["accuracy"] and recipe["minutes"], load_recipe("digits").expected
     assert readme == recipe, (readme, recipe)

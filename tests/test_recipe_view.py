@@ -1,8 +1,8 @@
 """`fastlearn recipes`: readable at 80 columns, names never cut, figures from the recipe files, one recipe in full."""
 import pytest
 
-from fastlearn.recipe_view import epochs_text, recipe_list, recipe_text, sizes_text
-from fastlearn.recipes import list_recipes, load_recipe
+from fastlearn.app.recipe_view import epochs_text, recipe_list, recipe_text, sizes_text
+from fastlearn.core.recipes import list_recipes, load_recipe
 
 NAMES = sorted(list_recipes())
 
@@ -71,7 +71,7 @@ def test_long_text_keeps_its_exact_value(tmp_path, source, wrapped):
 
 def test_every_key_meaning_is_shown_whole_at_80_columns():
     "Issue 22: meanings that run over several comment lines in `Recipe` were cut to their first line."
-    from fastlearn.recipe_view import _field_comments
+    from fastlearn.app.recipe_view import _field_comments
     text = recipe_text("transfer", 80)
     assert max(len(line) for line in text.splitlines() if not line.startswith("# from ")) <= 80
     notes = " ".join(line.rsplit("# ", 1)[1] for line in text.splitlines() if "# " in line)  # the comments, unwrapped

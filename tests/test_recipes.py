@@ -4,8 +4,8 @@ import numpy as np
 
 import pytest
 
-from fastlearn.errors import RecipeError
-from fastlearn.recipes import list_recipes, load_recipe, parse_overrides
+from fastlearn.base.errors import RecipeError
+from fastlearn.core.recipes import list_recipes, load_recipe, parse_overrides
 
 RECIPES = sorted(list_recipes())
 
@@ -130,7 +130,8 @@ def scaled_down(name: str) -> dict:
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_every_recipe_runs_scaled_down(name, image_folder, tmp_path):
-    from fastlearn.training import learner_from_recipe, run_recipe
+    from fastlearn.train.learner import learner_from_recipe
+    from fastlearn.train.runner import run_recipe
     learn, r = learner_from_recipe(image_folder, name, scaled_down(name), progress=False)
     res = run_recipe(learn, r, run_dir=tmp_path / "run")
     assert res.strategy in {"linear_probe", "fine_tune_top", "full", "scratch"}
@@ -146,7 +147,8 @@ def test_every_recipe_runs_scaled_down(name, image_folder, tmp_path):
      "lookahead": True, "early_stop": 1, "random_erasing": 0.25},
 ])
 def test_regulariser_switches_run(switches, image_folder, tmp_path):
-    from fastlearn.training import learner_from_recipe, run_recipe
+    from fastlearn.train.learner import learner_from_recipe
+    from fastlearn.train.runner import run_recipe
     o = {**scaled_down("transfer"), **switches}
     learn, r = learner_from_recipe(image_folder, "transfer", o, progress=False)
     res = run_recipe(learn, r, run_dir=tmp_path / "run")

@@ -3,7 +3,7 @@ import pytest
 import torch
 from fastai.torch_core import set_seed
 
-from fastlearn.learner import transfer_learner
+from fastlearn.train.learner import transfer_learner
 from conftest import synthetic_dls
 
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastlearn.callbacks import recipe_callbacks
-from fastlearn.learner import transfer_learner
-from fastlearn.recipes import load_recipe
-from fastlearn.resize import ProgressiveResize, resize_batch
-from fastlearn.schedules import resize_size
+from fastlearn.train.recipe_callbacks import recipe_callbacks
+from fastlearn.train.learner import transfer_learner
+from fastlearn.core.recipes import load_recipe
+from fastlearn.fit.resize import ProgressiveResize, resize_batch
+from fastlearn.core.schedules import resize_size
 
 from conftest import synthetic_dls
 
@@ -144,7 +144,7 @@ def test_recipe_callbacks_builds_resize_over_the_whole_stage_plan(tmp_path):
     r = load_recipe("transfer", {"size": 32, "resize_start": 16, "resize_multiple": 8, "valid_size": 48,
                                  "strategy": "full"})
     cb = next(c for c in recipe_callbacks(learn, r, tmp_path) if isinstance(c, ProgressiveResize))
-    from fastlearn.training import stage_plan
+    from fastlearn.train.plan import stage_plan
     epochs = sum(st.epochs for st in stage_plan(r, learn.n_layer_groups, "full"))
     assert cb.total_steps == epochs * len(learn.dls.train)
     assert (cb.start, cb.final, cb.valid_size, cb.multiple) == (16, 32, 48, 8)

@@ -6,9 +6,10 @@ import shutil
 import pytest
 import torch
 
-from fastlearn.errors import RunFolderError
-from fastlearn.recipes import load_recipe
-from fastlearn.run_folder import MODEL_CARD, load_run, read_model_card, uses_valid_resize
+from fastlearn.base.errors import RunFolderError
+from fastlearn.core.recipes import load_recipe
+from fastlearn.run.card import MODEL_CARD, read_model_card, uses_valid_resize
+from fastlearn.run.predict import load_run
 
 
 def _copy(run_dir, tmp_path, *names):

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-import fastlearn.runlock as rl
-from fastlearn.errors import RunLockedError
-from fastlearn.runlock import LOCK_NAME, check_unlocked, read_holder, run_lock
+import fastlearn.run.runlock as rl
+from fastlearn.base.errors import RunLockedError
+from fastlearn.run.runlock import LOCK_NAME, check_unlocked, read_holder, run_lock
 
 
 def _hold_in_child(run_dir, command="fastlearn train digits --data digits"):
@@ -115,7 +115,8 @@ def test_without_flock_a_dead_pid_is_taken_over_and_a_live_one_refused(tmp_path,
 
 
 def test_cli_resume_of_a_folder_in_use_names_the_holder_before_reading_data(tmp_path, capsys, monkeypatch):
-    from fastlearn import cli, training
+    from fastlearn import cli
+    from fastlearn.app import commands as training  # where `fastlearn train` builds its learner
     monkeypatch.setattr(training, "learner_from_recipe", lambda *a, **k: pytest.fail("the data was read"))
     pid = _hold_in_child(tmp_path)
     try:
@@ -129,7 +130,8 @@ def test_cli_resume_of_a_folder_in_use_names_the_holder_before_reading_data(tmp_
 
 def test_cli_train_into_a_busy_folder_names_the_holder_without_resume(tmp_path, capsys, monkeypatch):
     "Not `already holds a run; pass --resume`: the folder is in use, and resuming would be refused too."
-    from fastlearn import cli, training
+    from fastlearn import cli
+    from fastlearn.app import commands as training  # where `fastlearn train` builds its learner
     monkeypatch.setattr(training, "learner_from_recipe", lambda *a, **k: pytest.fail("the data was read"))
     (tmp_path / "recipe.toml").write_text("# the holder's run\n")
     pid = _hold_in_child(tmp_path)

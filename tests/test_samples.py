@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from fastlearn import samples as sample_mod
-from fastlearn.samples import SAMPLES, is_sample_name, sample
+from fastlearn.data.samples import SAMPLES, is_sample_name, sample
 
 
 def _pngs(folder: Path) -> list[Path]:

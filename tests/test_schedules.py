@@ -7,9 +7,8 @@ from fastai.callback.schedule import ParamScheduler
 from fastai.learner import Learner
 from torch import nn
 
-from fastlearn.optim import opt_func
-from fastlearn.schedules import (layer_lrs, one_cycle_lr, one_cycle_mom, one_cycle_scheds, resize_size,
-                                 scale_lr, unfreeze_plan)
+from fastlearn.core.optim import opt_func
+from fastlearn.core.schedules import layer_lrs, one_cycle_lr, one_cycle_mom, one_cycle_scheds, resize_size, scale_lr, unfreeze_plan
 from conftest import synthetic_dls
 
 

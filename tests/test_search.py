@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import optuna
 import pytest
 
-from fastlearn.recipes import load_recipe
-from fastlearn.search import ReportToOptuna, SearchSpace, narrow_space, search, search_main, split_trials
+from fastlearn.core.recipes import load_recipe
+from fastlearn.app.search import ReportToOptuna, SearchSpace, narrow_space, search, search_main, split_trials
 
 
 def test_split_trials():
@@ -117,7 +117,7 @@ def test_search_main_prints_table_and_a_train_command_that_runs(tmp_path, capsys
 
 def test_search_without_optuna_or_data_creates_nothing(tmp_path, monkeypatch):
     import sys
-    from fastlearn.errors import DataError, MissingExtraError
+    from fastlearn.base.errors import DataError, MissingExtraError
     with pytest.raises(DataError, match="does not exist"):
         search(tmp_path / "nope", "digits", out_dir=tmp_path / "out")
     monkeypatch.setitem(sys.modules, "optuna", None)

@@ -8,9 +8,9 @@ from fastai.data.core import DataLoaders
 from torch import nn
 
 from conftest import make_blobs, synthetic_dls
-from fastlearn.learner import transfer_learner
-from fastlearn.recipes import load_recipe
-from fastlearn.strategy import STRATEGIES, DatasetStats, Thresholds, choose_strategy, decide, measure_dataset
+from fastlearn.train.learner import transfer_learner
+from fastlearn.core.recipes import load_recipe
+from fastlearn.train.strategy import STRATEGIES, DatasetStats, Thresholds, choose_strategy, decide, measure_dataset
 
 
 def stats(per_class: float, probe: float, shift: float) -> DatasetStats:
@@ -134,7 +134,7 @@ def test_measure_dataset_on_a_model_without_batchnorm():
 
 def test_measure_dataset_on_an_image_folder(tmp_path):
     from PIL import Image
-    from fastlearn.data import image_dls
+    from fastlearn.data.dls import image_dls
     rng = np.random.default_rng(0)
     for split, n in (("train", 12), ("valid", 4)):
         for c, colour in enumerate(((220, 30, 30), (30, 30, 220))):

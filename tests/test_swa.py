@@ -5,8 +5,8 @@ import pytest
 import torch
 from fastai.callback.core import Callback
 
-from fastlearn.learner import transfer_learner
-from fastlearn.swa import fit_swa, keep_better, run_swa
+from fastlearn.train.learner import transfer_learner
+from fastlearn.fit.swa import fit_swa, keep_better, run_swa
 
 from conftest import synthetic_dls
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from fastlearn.checkpoint import latest_checkpoint, read_state
+from fastlearn.run.checkpoint import latest_checkpoint, read_state
 from conftest import write_image_folder
 
 TINY = ["arch=test_resnet", "pretrained=false", "size=32", "bs=4", "lr_find=false", "lr=1e-3", "num_workers=0"]
@@ -21,7 +21,7 @@ TINY = ["arch=test_resnet", "pretrained=false", "size=32", "bs=4", "lr_find=fals
 # training batch, EPOCH_END_S seconds at each epoch's end (after its progress line, before the stop check)
 PACED = """
 import os, sys, time
-import fastlearn.interrupt as it
+import fastlearn.train.interrupt as it
 batch_s, epoch_s = float(os.environ.get("BATCH_S", 0)), float(os.environ.get("EPOCH_END_S", 0))
 after_batch, after_epoch = it.StopOnSignal.after_batch, it.StopOnSignal.after_epoch
 def paced(self):

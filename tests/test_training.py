@@ -6,9 +6,10 @@ import os
 import pytest
 import torch
 
-from fastlearn.data import default_num_workers
-from fastlearn.recipes import load_recipe
-from fastlearn.training import new_run_dir, stage_plan
+from fastlearn.data.dls import default_num_workers
+from fastlearn.core.recipes import load_recipe
+from fastlearn.run.records import new_run_dir
+from fastlearn.train.plan import stage_plan
 
 
 def test_stage_plans_follow_the_2x2_table():
@@ -31,7 +32,8 @@ def test_new_run_dir_never_reuses(tmp_path):
 
 
 def test_run_outputs(image_folder, tmp_path):
-    from fastlearn.training import learner_from_recipe, run_recipe
+    from fastlearn.train.learner import learner_from_recipe
+    from fastlearn.train.runner import run_recipe
     learn, r = learner_from_recipe(image_folder, "transfer", {"arch": "test_resnet", "pretrained": False, "size": 32,
                                                                 "bs": 8, "lr": 3e-3, "epochs": 2, "health_every": 2},
                                    progress=False)
@@ -55,7 +57,7 @@ def test_run_outputs(image_folder, tmp_path):
 
 
 def test_recipe_sets_the_dataloader_workers(image_folder):
-    from fastlearn.training import learner_from_recipe
+    from fastlearn.train.learner import learner_from_recipe
     base = {"arch": "test_resnet", "pretrained": False, "size": 32, "bs": 8}
     learn, _ = learner_from_recipe(image_folder, "transfer", {**base, "num_workers": 1}, progress=False)
     # fastai keeps the worker count in the torch-side loader (its own `num_workers` is a sharding count)
@@ -65,7 +67,8 @@ def test_recipe_sets_the_dataloader_workers(image_folder):
 
 
 def test_swa_switch_adds_averaged_epochs(image_folder, tmp_path):
-    from fastlearn.training import learner_from_recipe, run_recipe
+    from fastlearn.train.learner import learner_from_recipe
+    from fastlearn.train.runner import run_recipe
     learn, r = learner_from_recipe(image_folder, "transfer", {"arch": "test_resnet", "pretrained": False, "size": 32,
                                                                 "bs": 8, "lr": 3e-3, "epochs": 1, "swa_epochs": 2},
                                    progress=False)
@@ -82,7 +85,8 @@ LITE0 = {"size": 32, "epochs": 1, "head_steps": 40, "seed": 0}
 
 
 def _feature_run(folder, run_dir, stop_after=None, resume=False, **over):
-    from fastlearn.training import learner_from_recipe, run_recipe
+    from fastlearn.train.learner import learner_from_recipe
+    from fastlearn.train.runner import run_recipe
     learn, r = learner_from_recipe(folder, "transfer", {**LITE0, **over}, progress=False)
     if stop_after:
         from test_checkpoint import StopAt
@@ -122,7 +126,7 @@ def test_keep_best_restores_the_head_when_fine_tuning_wrecks_it(image_folder, tm
     final, kept = load_file(str(tmp_path / "run/model.safetensors")), load_file(str(tmp_path / "run/checkpoints/kept.safetensors"))
     assert final.keys() == kept.keys() and all(torch.equal(final[k], kept[k]) for k in final)
     # finished: the last checkpoint stays, and the kept copy is model.safetensors itself (a hard link, stored once)
-    from fastlearn.checkpoint import latest_checkpoint
+    from fastlearn.run.checkpoint import latest_checkpoint
     last = latest_checkpoint(tmp_path / "run").stem
     assert _names(tmp_path / "run") == [f"{last}.pt", f"{last}.safetensors", "kept.safetensors", "latest"]
     assert os.path.samefile(tmp_path / "run/model.safetensors", tmp_path / "run/checkpoints/kept.safetensors")
@@ -130,10 +134,10 @@ def test_keep_best_restores_the_head_when_fine_tuning_wrecks_it(image_folder, tm
 
 def test_resume_after_the_head_skips_the_feature_pass_and_is_exact(image_folder, tmp_path, feature_run, monkeypatch):
     from safetensors.torch import load_file
-    import fastlearn.features
+    import fastlearn.train.head
     with pytest.raises(KeyboardInterrupt):
         _feature_run(image_folder, tmp_path / "run", stop_after=1)  # crashes in the first fine-tuning batch
-    monkeypatch.setattr(fastlearn.features, "extract_features", lambda *a, **k: pytest.fail("feature pass re-run"))
+    monkeypatch.setattr(fastlearn.train.head, "extract_features", lambda *a, **k: pytest.fail("feature pass re-run"))
     res = _feature_run(image_folder, tmp_path / "run", resume=True)
     a, b = load_file(str(res.run_dir / "model.safetensors")), load_file(str(feature_run.run_dir / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -151,9 +155,9 @@ def _tiny_run(run_dir, stop_at=None, prepare=None, **over):
     from conftest import synthetic_dls
     from fastai.torch_core import set_seed
 
-    from fastlearn.learner import transfer_learner
-    from fastlearn.recipes import Recipe
-    from fastlearn.training import run_recipe
+    from fastlearn.train.learner import transfer_learner
+    from fastlearn.core.recipes import Recipe
+    from fastlearn.train.runner import run_recipe
     set_seed(0, reproducible=True)
     learn = transfer_learner(synthetic_dls(), "test_resnet", pretrained=False, progress=False)
     if stop_at:
@@ -170,14 +174,14 @@ def _names(run_dir):
 
 def _retained(run_dir) -> list[str]:
     "What the Checkpointer keeps while a run trains: the last `keep_last` checkpoints and the best, and `latest`."
-    from fastlearn.checkpoint import latest_checkpoint, read_state
+    from fastlearn.run.checkpoint import latest_checkpoint, read_state
     st = read_state(latest_checkpoint(run_dir))
     steps = set(st["history"][-TINY["keep_last"]:]) | {st["best"][1]}
     return sorted([f"ckpt-{s}.{ext}" for s in steps for ext in ("pt", "safetensors")] + ["latest"])
 
 
 def test_a_finished_run_keeps_only_its_last_checkpoint(tmp_path):
-    from fastlearn.checkpoint import resume_state
+    from fastlearn.run.checkpoint import resume_state
     res = _tiny_run(tmp_path / "run")
     assert res.kept["stage"] == "final"          # keep-best's copy held a stage end that lost to the end: gone too
     assert _names(res.run_dir) == ["ckpt-12.pt", "ckpt-12.safetensors", "latest"]
@@ -191,7 +195,7 @@ def test_a_finished_run_keeps_only_its_last_checkpoint(tmp_path):
 @pytest.mark.parametrize("how", ["interrupted", "failed"])
 def test_an_interrupted_or_failed_run_deletes_no_checkpoint(tmp_path, monkeypatch, how):
     import importlib
-    interpret = importlib.import_module("fastlearn.interpret")  # (the package's `interpret` is the function)
+    interpret = importlib.import_module("fastlearn.train.runner")  # where the run calls interpret_run
     if how == "interrupted":
         with pytest.raises(KeyboardInterrupt):
             _tiny_run(tmp_path / "run", stop_at=10)  # in epoch 3: checkpoints at 8 and 9, and the best
@@ -207,7 +211,7 @@ def test_an_interrupted_or_failed_run_deletes_no_checkpoint(tmp_path, monkeypatc
 
 
 def test_the_run_says_why_start_equals_peak(tmp_path, capsys):
-    from fastlearn.lr_finder import LRFindResult
+    from fastlearn.core.lr_finder import LRFindResult
     found = LRFindResult(peak=1e-3, start=1e-3, lrs=[1e-4, 1e-3], losses=[1.0, 0.9], note="start = peak: why")
 
     def fake_sweep(learn):

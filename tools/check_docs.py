@@ -69,8 +69,9 @@ def public_modules(package: str = "fastlearn") -> dict[str, list[str]]:
     # raised inside a dependency (fastai) at import, as the notebooks also silence it
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*is deprecated")
     pkg = importlib.import_module(package)
-    mods = sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
-    return {f"{package}.{m}": list(getattr(importlib.import_module(f"{package}.{m}"), "__all__", [])) for m in mods}
+    mods = sorted(m.name for m in pkgutil.walk_packages(pkg.__path__, f"{package}.")
+                  if not m.ispkg and not any(part.startswith("_") for part in m.name.split(".")))
+    return {m: list(getattr(importlib.import_module(m), "__all__", [])) for m in mods}
 
 
 def api_problems(page: Path, package: str = "fastlearn") -> list[str]:

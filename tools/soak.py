@@ -34,10 +34,10 @@ sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("OMP_NUM_THREADS", "1"); os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 torch.set_num_threads(1)
-import fastlearn.checkpoint as ck  # noqa: E402
+import fastlearn.run.checkpoint as ck  # noqa: E402
 import fastlearn.cli  # noqa: E402
-import fastlearn.training  # noqa: E402,F401  (and everything `fastlearn train` imports, once, before forking)
-import fastlearn.callbacks, fastlearn.data, fastlearn.learner, fastlearn.models, fastlearn.precision  # noqa: E402,F401
+import fastlearn.train.runner  # noqa: E402,F401  (and everything `fastlearn train` imports, once, before forking)
+import fastlearn.train.recipe_callbacks, fastlearn.data, fastlearn.learner, fastlearn.models, fastlearn.precision  # noqa: E402,F401
 import timm  # noqa: E402,F401
 from conftest import write_image_folder  # noqa: E402
 

@@ -1,0 +1,57 @@
+"""Weights files: safetensors written atomically and refused when non-finite; loads that never unpickle code."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..base.errors import CheckpointError
+from ..base.files import atomic_write
+from .models import unwrap_model
+
+
+__all__ = ["save_weights", "load_weights", "load_learner"]
+
+
+def load_learner(path: str | Path, trust: bool = False, cpu: bool = True):
+    """Load a Learner exported with `learn.export()`. That file is a pickle, and unpickling runs whatever
+    code the file names, so it is refused unless `trust=True` (only for files you made yourself);
+    `load_weights` loads plain weights safely."""
+    path = Path(path)
+    if not trust:
+        raise CheckpointError(f"{path} is a pickled Learner: loading it can run arbitrary code. Load plain weights "
+                              f"with load_weights(model, 'model.safetensors'), or pass trust=True only for a file "
+                              f"you exported yourself")
+    if not path.exists():
+        raise CheckpointError(f"exported learner {path} does not exist")
+    from fastai.learner import load_learner as fastai_load_learner
+    return fastai_load_learner(path, cpu=cpu)
+
+
+def save_weights(model: nn.Module, path: str | Path) -> Path:
+    "Save the model's state_dict as safetensors, atomically."
+    from safetensors.torch import save_file
+    sd = {k: v.detach().contiguous().cpu() for k, v in unwrap_model(model).state_dict().items()}
+    for k, v in sd.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CheckpointError(f"refusing to write non-finite weights ({k!r} has NaN/Inf) to {path}")
+    return atomic_write(path, lambda tmp: save_file(sd, str(tmp)))
+
+
+def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
+    "Load weights from safetensors, or from a torch file with `weights_only=True` (no code runs)."
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        sd = load_file(str(path))
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{path} is not a plain weights file ({type(e).__name__}: {e}); "
+                                  f"refusing to unpickle arbitrary objects") from None
+    unwrap_model(model).load_state_dict(sd, strict=strict)
+    return model

@@ -1,0 +1,86 @@
+"""Keep the best: the weights a run ends with are never worse on validation than the best stage end it passed.
+
+Each stage end (the head on cached features included, whose validation accuracy is `auto`'s linear probe) is a
+candidate; so is the final model after EMA/SWA. The rule is a pure function: higher validation score (the first
+metric, e.g. accuracy) wins, a lower validation loss breaks ties, and later candidates win exact ties (they
+trained longer on the same evidence). Choosing on the validation set is what fastai's `SaveModelCallback` and the
+PyTorch tutorial do; the reported accuracy of the kept weights is therefore the best of a few looks at the same
+validation images, which the summary says.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..core.weights import load_weights, save_weights
+
+__all__ = ["Candidate", "better", "KeepBest"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    "A point in the run whose weights could be kept."
+    stage: str          # stage name: "head", "top3", "all", "swa", "final"...
+    score: float        # first validation metric, higher is better (nan when the learner has no metric)
+    valid_loss: float
+    step: int = 0       # optimizer steps of the run so far (trace rows)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _key(c: Candidate) -> tuple[float, float]:
+    score = c.score if math.isfinite(c.score) else -math.inf
+    loss = c.valid_loss if math.isfinite(c.valid_loss) else math.inf
+    return score, -loss
+
+
+def better(a: Candidate, b: Candidate | None) -> bool:
+    "True when `a` should replace `b`: a higher score, or the same score and a lower-or-equal validation loss."
+    if b is None:
+        return True
+    return _key(a) >= _key(b)
+
+
+class KeepBest:
+    """Tracks the best candidate and a CPU copy of its weights; with `path`, also writes them there (atomically,
+    main process only) so a resumed run still knows them."""
+
+    def __init__(self, path: str | Path | None = None, write: bool = True):
+        self.path, self.write = (Path(path) if path is not None else None), write
+        self.best: Candidate | None = None
+        self._weights: dict[str, torch.Tensor] | None = None
+
+    def offer(self, model: torch.nn.Module, cand: Candidate) -> bool:
+        "Remember `cand` and `model`'s weights if it beats the best so far; returns whether it did."
+        if not better(cand, self.best):
+            return False
+        from timm.utils import unwrap_model
+        self.best = cand
+        self._weights = {k: v.detach().to("cpu", copy=True) for k, v in unwrap_model(model).state_dict().items()}
+        if self.path is not None and self.write:
+            save_weights(model, self.path)
+        return True
+
+    def restore(self, model: torch.nn.Module) -> None:
+        "Load the best candidate's weights into `model` (from memory, else from `path`)."
+        from timm.utils import unwrap_model
+        if self._weights is not None:
+            unwrap_model(model).load_state_dict(self._weights)
+        elif self.path is not None and self.path.exists():
+            load_weights(model, self.path)
+        else:
+            raise RuntimeError("KeepBest has no weights to restore: no candidate was offered in this process and "
+                               f"{self.path} does not exist")
+
+    def state_dict(self) -> dict:
+        return {"best": None if self.best is None else self.best.to_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        "Continue after a resume: the best candidate's record (its weights stay on disk at `path`)."
+        b = state.get("best")
+        self.best = None if b is None else Candidate(**b)
+        self._weights = None
