@@ -87,6 +87,6 @@ def _api_page(path: Path, drop: str | None = None) -> Path:
 def test_api_check(tmp_path):
     assert check_docs.api_problems(_api_page(tmp_path / "api.html")) == []
     problems = check_docs.api_problems(_api_page(tmp_path / "api.html", drop="load_run"))
-    assert "fastlearn.run_folder: no entry for load_run" in problems
+    assert "fastlearn.run.predict: no entry for load_run" in problems
     assert any(p.startswith("fastlearn.__all__: not on the page: ") and "load_run" in p for p in problems)
     assert check_docs.api_problems(tmp_path / "nope.html") == [f"no API page {tmp_path / 'nope.html'}"]

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from skimage import data as skdata
 from skimage.transform import resize
 
-from fastlearn import models
+from fastlearn.core import models
 from fastlearn.base.errors import LabelRangeError, UnknownArchError, WeightsError
 from fastlearn.core.models import OFFLINE_WEIGHTS, check_head, create_model, is_convolutional, load_offline_weights, model_input_size, model_n_out, model_stats, offline_weights_path
 

@@ -94,7 +94,7 @@ def test_unknown_key_names_close_keys_not_every_key():
 
 
 def test_recipes_dirs_env_first_and_package_data(tmp_path, monkeypatch):
-    from fastlearn import recipes as rmod
+    from fastlearn.core import recipes as rmod
     (tmp_path / "digits.toml").write_text('extends = "transfer"\ndescription = "mine"\nexpected = "x"\n')
     monkeypatch.setenv("FASTLEARN_RECIPES", str(tmp_path))
     assert rmod.recipe_dirs()[0] == tmp_path

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from fastlearn import samples as sample_mod
+from fastlearn.data import samples as sample_mod
 from fastlearn.data.samples import SAMPLES, is_sample_name, sample
 
 

@@ -37,7 +37,7 @@ torch.set_num_threads(1)
 import fastlearn.run.checkpoint as ck  # noqa: E402
 import fastlearn.cli  # noqa: E402
 import fastlearn.train.runner  # noqa: E402,F401  (and everything `fastlearn train` imports, once, before forking)
-import fastlearn.train.recipe_callbacks, fastlearn.data, fastlearn.learner, fastlearn.models, fastlearn.precision  # noqa: E402,F401
+import fastlearn.train.recipe_callbacks, fastlearn.data.dls, fastlearn.train.learner, fastlearn.core.models, fastlearn.fit.precision  # noqa: E402,F401
 import timm  # noqa: E402,F401
 from conftest import write_image_folder  # noqa: E402
 

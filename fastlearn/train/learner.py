@@ -38,7 +38,7 @@ from .runner import run_recipe
 from ..core.recipes import load_recipe
 
 
-__all__ = ["TransferLearner", "transfer_learner", "ensure_normalized"]
+__all__ = ["TransferLearner", "transfer_learner", "learner_from_recipe", "ensure_normalized"]
 
 
 class TransferLearner(LeanLearner):
