@@ -7,9 +7,8 @@ with the PyTorch model; the largest absolute difference of the logits is returne
 
 - `onnx`: `torch.onnx.export` with a dynamic batch axis, checked with onnxruntime on the CPU; `model.json` is
   stored in the ONNX metadata (`fastlearn_model_card`). Needs `pip install 'fastlearn[onnx]'`. The
-  TorchScript-based exporter (`dynamo=False`, opset 17) runs first: with torch 2.14 on 2 CPU cores it took
-  0.3 s for test_resnet and 1-2 s for tf_efficientnet_lite0, the dynamo exporter 11 s and 31 s, for the same
-  outputs. It is deprecated since torch 2.9, so where it fails (or is removed) the dynamo exporter
+  TorchScript-based exporter (`dynamo=False`, opset 17) runs first: it is an order of magnitude faster than the
+  dynamo exporter for the same outputs. It is deprecated since torch 2.9, so where it fails (or is removed) the dynamo exporter
   (`dynamo=True`, opset 18, needs onnxscript) runs instead; `Exported.exporter` says which wrote the file.
 - `torchscript`: `torch.jit.trace`, `model.json` stored as the archive's extra file `model.json`.
 - `timm`: timm's own `save_for_hf` layout, `model.safetensors` + `config.json` (`architecture`,
