@@ -13,6 +13,7 @@ import os
 import tomllib
 import typing
 from dataclasses import dataclass, fields
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
@@ -338,8 +339,7 @@ def _packaged_recipes() -> Path | None:
     """The recipes installed with the package: package data `fastlearn/presets/*.toml`, which setup.cfg maps
     from the top-level `recipes/` (the one copy in the repository). Read with importlib.resources, so it is
     found wherever the package is (a wheel, `pip install --user`, a virtualenv), never through sys.prefix."""
-    from importlib.resources import files
-    d = files(__package__) / "presets"
+    d = files("fastlearn") / "presets"  # the top package's data, whichever subpackage reads it
     return d if isinstance(d, Path) and d.is_dir() else None  # a zipped install (not a Path) is not supported
 
 
