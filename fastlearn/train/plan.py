@@ -64,6 +64,7 @@ def with_lrs(plan: list[UnfreezeStage], n_groups: int, peak: float, ft_peak: flo
 def plan_text(plan: list[Stage], n_groups: int, steps_per_epoch: int, lr_ratio: float) -> str:
     "What the stages will train, a line each: epochs, steps, layer groups and LRs (lowest group..head)."
     def lr(st: Stage) -> str:
-        return f"LR {st.peak / lr_ratio:.2e}..{st.peak:.2e}" if st.trainable > 1 else f"LR {st.peak:.2e}"
+        lrs = st.lrs(lr_ratio)
+        return f"LR {lrs.start:.2e}..{lrs.stop:.2e}" if isinstance(lrs, slice) else f"LR {lrs:.2e}"
     return "\n".join(f"plan: {st.name}, {st.epochs} epoch{'s' if st.epochs > 1 else ''} x {steps_per_epoch} steps, "
                      f"{st.trainable}/{n_groups} layer groups, {lr(st)}" for st in plan if st.epochs)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..base.console import say
@@ -167,12 +167,17 @@ def _checkpoint_head(learn, run: RunState, ckpt) -> None:
         learn.remove_cb(ckpt)
 
 
+def _at_global_batch(r: Recipe, lr: float) -> float:
+    "A recipe's fixed LR (given for `lr_ref_bs` images per step) scaled to this run's global batch."
+    return scale_lr(lr, global_batch_size(r.bs, r.grad_accum), r.lr_ref_bs, r.lr_scale_rule)
+
+
 def _body_peak(learn, r: Recipe, run: RunState, total_steps: int) -> float:
     """The head's peak LR without cached features: the recipe's `lr`, for `lr_ref_bs` images per step, scaled to
     this run's global batch; without one, a sweep of the whole model (every rank together, rank 0's suggestion),
     at most a tenth of the run's steps (at least 20, at most 100)."""
     if run.peak is not None:
-        return scale_lr(run.peak, global_batch_size(r.bs, r.grad_accum), r.lr_ref_bs, r.lr_scale_rule)
+        return _at_global_batch(r, run.peak)
     if not r.lr_find:
         raise ValueError("recipe sets lr_find = false but gives no lr; set lr = <peak LR>")
     num_it = int(min(100, max(20, 0.1 * total_steps)))
@@ -195,7 +200,7 @@ def _ft_peak(r: Recipe, run: RunState, groups: list) -> float:
         run.ft_peak = min(run.peak * r.ft_lr_factor, r.ft_lr_max) if run.on_features else \
             run.peak * first_ft_mult(groups)
     elif run.resumed is None:  # a resumed run's checkpoint holds it as its first process resolved it
-        run.ft_peak = scale_lr(run.ft_peak, global_batch_size(r.bs, r.grad_accum), r.lr_ref_bs, r.lr_scale_rule)
+        run.ft_peak = _at_global_batch(r, run.ft_peak)
     return run.ft_peak
 
 
@@ -205,7 +210,7 @@ def _finish(learn, r: Recipe, run: RunState, plan: list, extra: list, cbs) -> Ru
     if r.swa_epochs:  # after the last stage, at a constant LR, keeping the last stage's groups and LR ratio
         last = plan[-1]
         swa_hi = r.swa_lr if r.swa_lr is not None else last.peak / 10
-        swa_lrs = learn.layer_lrs(slice(swa_hi / r.lr_ratio, swa_hi) if last.trainable > 1 else swa_hi)
+        swa_lrs = learn.layer_lrs(replace(last, peak=swa_hi).lrs(r.lr_ratio))
         run.label(learn, "swa")
         swa = run_swa(learn, r.swa_epochs, swa_lrs, cbs=[run.trace, run.log, run.guard] + list(cbs or []),
                       mom=r.moms[0])
