@@ -1,123 +1,147 @@
-"""fastlearn's presets vs fastai's `fine_tune(3)` vs the PyTorch transfer-learning tutorial, on real image folders.
+"""fastlearn's presets vs fastai's `fine_tune(3)` vs the PyTorch transfer-learning tutorial, on real image folders,
+scored on a test split that nothing selected on.
 
-For each folder, side by side on this machine, with the same architecture (tf_efficientnet_lite0, offline
-ImageNet weights), the same image size and the same train/valid split:
+Every folder is split per class, with a fixed seed, into **test** (`--test-per-class` images, the same ones at every
+training size), **valid** (`--valid-per-class`, default a quarter of the training images, at least 10) and **train**
+(`--max-per-class`). Keep-best, the stage guard, early stopping and every rule look at valid only; the table reports
+test accuracy. Each (folder, method, seed) runs in a fresh process, as a user would run it alone; wall seconds are
+measured inside it, from building the data to the final validation (the test pass is not counted).
 
-- fastlearn `transfer` and `auto`, with their defaults (`learner_from_recipe` + `run_recipe`);
-- fastai's documented three lines, fastai's defaults: `ImageDataLoaders.from_folder(item_tfms=Resize(size),
-  batch_tfms=aug_transforms())` (bs 64), `vision_learner(dls, arch, metrics=accuracy).fine_tune(3)`;
-- the PyTorch tutorial recipe ("Transfer learning for computer vision", fine-tuning the whole network):
-  RandomResizedCrop + flip, batch 4, SGD lr 1e-3 momentum 0.9, StepLR(7, 0.1), 25 epochs; its best and its
-  final validation accuracy.
+Methods, all with the same architecture (tf_efficientnet_lite0, offline ImageNet weights) and image size:
+- `transfer` (and any `--variant NAME:key=value,...`, the `transfer` recipe with those overrides): the probe (the
+  head on cached features, its test accuracy before fine-tuning starts), every stage end, the kept weights, where
+  the run stopped, and the time at which the kept validation accuracy was first reached;
+- `fastai`: the documented three lines with fastai's defaults (`ImageDataLoaders.from_folder(item_tfms=Resize(size),
+  batch_tfms=aug_transforms())`, bs 64, `vision_learner(...).fine_tune(3)`), scored on test at the end;
+- `tutorial`: the PyTorch tutorial's whole-network fine-tuning (RandomResizedCrop + flip, batch 4, SGD 1e-3 momentum
+  0.9, StepLR(7, 0.1), 25 epochs), its final and its best-on-valid epoch scored on test.
 
-Each (folder, method, seed) runs in a fresh process (as a user would run it alone); wall seconds are measured
-inside it, from building the data to the final validation. A folder with `train/` and `valid/`, `val/` or
-`validation/` keeps its split; a folder of `<class>/` subfolders gets a seeded 80/20 split per class. Both are
-capped with `--max-per-class` (training images per class; validation gets half that) so a whole comparison fits
-a 2-core machine. The split is written once as a folder of symlinks that every method reads.
+    python bench/real_data.py /work/corpus/* --size 160 --max-per-class 20 --methods transfer,fastai \\
+        --variant bn_eval:ft_bn=eval,ft_lr_max=3e-4 --json runs/real_data/small.json
 
-    python bench/real_data.py /data/clothing /data/flowers /data/signs /data/covid digits \\
-        --size 224 --max-per-class 60 --seeds 0 --threads 2
-
-Prints one table (dataset, images, classes, method, accuracy, wall seconds, time ratio to fastai, lr_find's
-share of the run), one parseable `summary dataset=...` line per dataset, and the targets met or missed.
-`--methods` runs a subset; `--json PATH` also writes every result.
+Prints one table (dataset, method: test accuracy of probe / stage ends / kept, valid kept, wall s, seconds to the
+kept accuracy, time x fastai, where the run stopped), the issue-24 targets met or missed, and a leave-one-dataset-out
+choice among the fastlearn variants: for each dataset, the variant with the best mean test accuracy on the *other*
+datasets, and what it scores on the held-out one. `--report A.json B.json` prints the tables of saved results again.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ARCH = "tf_efficientnet_lite0"
-METHODS = ("transfer", "auto", "fastai", "tutorial")
-VALID_NAMES = ("valid", "val", "validation")
+BASELINES = ("fastai", "tutorial")
+VALID_NAMES = ("valid", "val", "validation", "test")
 SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
-# -- the split every method reads -------------------------------------------------------------------
+# -- the split every method reads ---------------------------------------------------------------------
 
 def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
-def _classes(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _class_files(src: Path) -> dict[str, list[Path]]:
+    "Every image per class: `<class>/` subfolders, or `train/` + `valid/`... with `<class>/` in each (pooled)."
+    splits = [src / "train"] + [src / n for n in VALID_NAMES] if (src / "train").is_dir() else [src]
+    out: dict[str, list[Path]] = {}
+    for d in splits:
+        if d.is_dir():
+            for c in sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                out.setdefault(c.name, []).extend(_images(c))
+    return out
 
 
-def make_view(src: Path, dest: Path, max_per_class: int | None, seed: int) -> dict:
-    "Write `dest/{train,valid}/<class>/` as symlinks into `src`; returns counts. Same seed, same split."
-    rng = random.Random(seed)
-    valid_dir = next((src / n for n in VALID_NAMES if (src / "train").is_dir() and (src / n).is_dir()), None)
-    picks: dict[str, dict[str, list[Path]]] = {"train": {}, "valid": {}}
-    cap_v = None if max_per_class is None else max(1, max_per_class // 2)
-    if valid_dir is not None:
-        for split, d in (("train", src / "train"), ("valid", valid_dir)):
-            for c in _classes(d):
-                files = _images(c)
-                rng.shuffle(files)
-                cap = max_per_class if split == "train" else cap_v
-                picks[split][c.name] = files[:cap] if cap else files
-    else:
-        for c in _classes(src):
-            files = _images(c)
-            rng.shuffle(files)
-            n_valid = max(1, round(0.2 * len(files)))
-            valid, train = files[:n_valid], files[n_valid:]
-            picks["train"][c.name] = train[:max_per_class] if max_per_class else train
-            picks["valid"][c.name] = valid[:cap_v] if cap_v else valid
+def make_view(src: Path, dest: Path, n_train: int | None, n_valid: int | None, n_test: int, seed: int) -> dict:
+    """`dest/{train,valid,test}/<class>/` as symlinks into `src`. Per class, one seeded shuffle: the first `n_test`
+    images are the test split (the same at every training size), the next `n_valid` valid, the next `n_train` train."""
+    n_valid = n_valid if n_valid is not None else max(10, (n_train or 40) // 4)
     if dest.exists():
-        import shutil
         shutil.rmtree(dest)
-    for split, classes in picks.items():
-        for c, files in classes.items():
-            if not files:
-                continue
+    counts = {"train": 0, "valid": 0, "test": 0}
+    classes = 0
+    for c, files in _class_files(src).items():
+        files = sorted(files)
+        random.Random(f"{seed}-{c}").shuffle(files)
+        test, valid = files[:n_test], files[n_test:n_test + n_valid]
+        train = files[n_test + n_valid:][:n_train] if n_train else files[n_test + n_valid:]
+        if len(train) < 2 or not valid or not test:
+            continue
+        classes += 1
+        for split, picked in (("train", train), ("valid", valid), ("test", test)):
             d = dest / split / c
             d.mkdir(parents=True, exist_ok=True)
-            for i, f in enumerate(files):
+            for i, f in enumerate(picked):
                 (d / f"{i:05d}{f.suffix.lower()}").symlink_to(f.resolve())
-    n_train = sum(len(v) for v in picks["train"].values())
-    n_valid = sum(len(v) for v in picks["valid"].values())
-    return {"n_train": n_train, "n_valid": n_valid, "n_classes": len([c for c, v in picks["train"].items() if v])}
+            counts[split] += len(picked)
+    return {"n_train": counts["train"], "n_valid": counts["valid"], "n_test": counts["test"], "n_classes": classes}
 
 
-# -- one method, in its own process ------------------------------------------------------------------
+# -- one method, in its own process ---------------------------------------------------------------------
 
-def run_fastlearn(view: Path, recipe: str, size: int, seed: int, out: Path) -> dict:
+def _test_accuracy(learn, files) -> float:
+    "Top-1 accuracy of `learn.model` on `files` (labelled by their parent folder), through the valid transforms."
+    import torch
+    dl = learn.dls.test_dl(files, with_labels=True)
+    model, was = learn.model, learn.model.training
+    model.eval()
+    right = n = 0
+    with torch.no_grad():
+        for xb, yb in dl:
+            right += int((model(xb).argmax(1) == yb).sum())
+            n += len(yb)
+    model.train(was)
+    return right / max(n, 1)
+
+
+def run_fastlearn(view: Path, overrides: dict, size: int, seed: int, out: Path) -> dict:
+    from fastai.callback.core import Callback
     from fastlearn.train.learner import learner_from_recipe
     from fastlearn.train.runner import run_recipe
-    t0 = time.perf_counter()
-    learn, r = learner_from_recipe(view, recipe, {"size": size, "seed": seed})
-    swept = [0.0]  # lr_find's wall time, for versions whose RunResult has no `timings`
-    find_lr = learn.find_lr
+    test_files = _images(view / "test")
+    t_test = [0.0]  # seconds spent on test passes inside the run: not the run's time
 
-    def timed_find_lr(*args, **kw):
-        t = time.perf_counter()
-        try:
-            return find_lr(*args, **kw)
-        finally:
-            swept[0] += time.perf_counter() - t
-    learn.find_lr = timed_find_lr
-    res = run_recipe(learn, r, runs_root=out)
-    wall = time.perf_counter() - t0
-    losses = [s["valid_loss"] for s in res.stages if "valid_loss" in s]
-    jumps = [b / a for a, b in zip(losses, losses[1:]) if a > 0]
-    timings = getattr(res, "timings", {}) or {}
-    probe = getattr(res, "probe_accuracy", None)
-    if probe is None and "linear-probe accuracy" in (res.why or ""):
-        import re
-        probe = float(re.search(r"linear-probe accuracy ([0-9.]+)", res.why).group(1))
-    return {"accuracy": res.accuracy, "seconds": wall, "lr_find_s": timings.get("lr_find", swept[0]),
-            "max_stage_jump": max(jumps, default=0.0), "strategy": res.strategy, "peak_lr": res.peak_lr,
-            "probe_acc": probe, "kept": getattr(res, "kept", None),
-            "stages": [{k: v for k, v in s.items() if k in ("stage", "epochs", "valid_loss", "accuracy", "peak_lr",
+    class TestAtStages(Callback):
+        "Test accuracy before the first fine-tuning fit (the probe's weights) and at every stage end."
+        order = 95
+        def __init__(self):
+            self.at: list[tuple[str, float]] = []
+        def _eval(self, name):
+            t = time.perf_counter()
+            self.at.append((name, _test_accuracy(self.learn, test_files)))
+            t_test[0] += time.perf_counter() - t
+        def _stage(self):
+            return next((c.stage for c in self.learn.cbs if type(c).__name__ == "MetricsLog"), "?")
+        def before_fit(self):
+            if not self.at and self._stage() != "head":
+                self._eval("probe")
+        def after_fit(self):
+            self._eval(self._stage())
+
+    t0 = time.perf_counter()
+    learn, r = learner_from_recipe(view, "transfer", {"size": size, "seed": seed, **overrides})
+    cb = TestAtStages()
+    res = run_recipe(learn, r, runs_root=out, cbs=[cb])
+    wall = time.perf_counter() - t0 - t_test[0]
+    kept_test = _test_accuracy(learn, test_files)
+    probe_test = next((a for n, a in cb.at if n == "probe"), None)
+    if probe_test is None and res.kept and res.kept.get("stage") == "head":
+        probe_test = kept_test
+    n_ft = sum(s["epochs"] for s in res.stages if s["stage"] != "head")
+    return {"test": kept_test, "valid": res.accuracy, "seconds": wall, "probe_test": probe_test,
+            "probe_valid": res.probe_accuracy, "stage_test": cb.at, "kept": (res.kept or {}).get("stage"),
+            "reached_s": (res.kept or {}).get("seconds_to_accuracy"), "stopped": res.stopped, "ft_epochs": n_ft,
+            "timings": res.timings, "peak_lr": res.peak_lr, "ft_peak_lr": res.ft_peak_lr,
+            "stages": [{k: v for k, v in s.items() if k in ("stage", "epochs", "valid_loss", "accuracy", "train_loss",
                                                              "seconds")} for s in res.stages],
             "run_dir": str(res.run_dir)}
 
@@ -142,11 +166,13 @@ def run_fastai(view: Path, size: int, seed: int) -> dict:
     learn.logger = lambda *a: None
     learn.fine_tune(3)
     _, acc = learn.validate()
-    return {"accuracy": float(acc), "seconds": time.perf_counter() - t0}
+    wall = time.perf_counter() - t0
+    return {"test": _test_accuracy(learn, _images(view / "test")), "valid": float(acc), "seconds": wall}
 
 
 def run_tutorial(view: Path, size: int, seed: int, epochs: int = 25) -> dict:
-    "The PyTorch tutorial's fine-tuning recipe, as written there (best and final validation accuracy)."
+    "The PyTorch tutorial's fine-tuning recipe, as written there: its final epoch, and its best epoch on valid."
+    import copy
     import torch
     from torch import nn
     from torchvision import datasets, transforms
@@ -156,196 +182,224 @@ def run_tutorial(view: Path, size: int, seed: int, epochs: int = 25) -> dict:
     mean, std = model_stats(ARCH)
     tfms = {"train": transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
                                          transforms.ToTensor(), transforms.Normalize(mean, std)]),
-            "valid": transforms.Compose([transforms.Resize(size * 256 // 224), transforms.CenterCrop(size),
-                                         transforms.ToTensor(), transforms.Normalize(mean, std)])}
-    ds = {s: datasets.ImageFolder(view / s, tfms[s]) for s in ("train", "valid")}
-    dl = {s: torch.utils.data.DataLoader(ds[s], batch_size=4, shuffle=s == "train", num_workers=4)
-          for s in ("train", "valid")}
+            "eval": transforms.Compose([transforms.Resize(size * 256 // 224), transforms.CenterCrop(size),
+                                        transforms.ToTensor(), transforms.Normalize(mean, std)])}
+    ds = {s: datasets.ImageFolder(view / s, tfms["train" if s == "train" else "eval"]) for s in ("train", "valid", "test")}
+    dl = {s: torch.utils.data.DataLoader(ds[s], batch_size=4, shuffle=s == "train", num_workers=2)
+          for s in ("train", "valid", "test")}
     model = create_model(ARCH, len(ds["train"].classes), pretrained=True)
     crit = nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.1)
-    best, accs = 0.0, []
-    for ep in range(epochs):
+
+    def acc(split):
+        model.eval()
+        with torch.no_grad():
+            return sum(int((model(x).argmax(1) == y).sum()) for x, y in dl[split]) / len(ds[split])
+    best, best_state = -1.0, None
+    for _ in range(epochs):
         model.train()
         for x, y in dl["train"]:
             opt.zero_grad()
             crit(model(x), y).backward()
             opt.step()
         sched.step()
-        model.eval()
-        correct = 0
-        with torch.no_grad():
-            for x, y in dl["valid"]:
-                correct += int((model(x).argmax(1) == y).sum())
-        accs.append(correct / len(ds["valid"]))
-        best = max(best, accs[-1])
-        print(f"tutorial epoch {ep + 1}/{epochs}: valid accuracy {accs[-1]:.4f} at {time.perf_counter() - t0:.0f} s",
-              flush=True)
-    return {"accuracy": accs[-1], "best": best, "seconds": time.perf_counter() - t0, "per_epoch": accs}
+        v = acc("valid")
+        if v > best:
+            best, best_state = v, copy.deepcopy(model.state_dict())
+    wall = time.perf_counter() - t0
+    final_test = acc("test")
+    model.load_state_dict(best_state)
+    return {"test": final_test, "test_best": acc("test"), "valid": best, "seconds": wall}
 
 
 def child(a) -> None:
     import torch
     torch.set_num_threads(a.threads)
     view, out = Path(a.view), Path(a.out)
-    if a.one in ("transfer", "auto"):
-        res = run_fastlearn(view, a.one, a.size, a.seed, out)
-    elif a.one == "fastai":
+    if a.one == "fastai":
         res = run_fastai(view, a.size, a.seed)
-    else:
+    elif a.one == "tutorial":
         res = run_tutorial(view, a.size, a.seed, a.tutorial_epochs)
-    print("RESULT " + json.dumps(res), flush=True)
+    else:
+        res = run_fastlearn(view, json.loads(a.overrides), a.size, a.seed, out)
+    print("RESULT " + json.dumps(res, default=str), flush=True)
 
 
-# -- the comparison ----------------------------------------------------------------------------------
+# -- the comparison -----------------------------------------------------------------------------------
 
-def _spawn(method: str, view: Path, a, seed: int, log: Path) -> dict:
-    cmd = [sys.executable, __file__, "--one", method, "--view", str(view), "--size", str(a.size), "--seed", str(seed),
-           "--threads", str(a.threads), "--out", str(Path(a.out) / "runs"), "--tutorial-epochs", str(a.tutorial_epochs)]
+def _spawn(method: str, overrides: dict, view: Path, a, seed: int, log: Path) -> dict:
+    cmd = [sys.executable, __file__, "--one", method, "--overrides", json.dumps(overrides), "--view", str(view),
+           "--size", str(a.size), "--seed", str(seed), "--threads", str(a.threads), "--out", str(Path(a.out) / "runs"),
+           "--tutorial-epochs", str(a.tutorial_epochs)]
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     t = time.perf_counter()
     with open(log, "w") as f:
         p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True, env=env)
-    f_out = p.stdout
-    Path(log).with_suffix(".out").write_text(f_out)
-    lines = [line for line in f_out.splitlines() if line.startswith("RESULT ")]
+    Path(log).with_suffix(".out").write_text(p.stdout)
+    lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
     if p.returncode != 0 or not lines:
         return {"error": f"exit {p.returncode}, see {log}", "seconds": time.perf_counter() - t}
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def _dataset_name(src: str) -> str:
-    return Path(src).name if src != "digits" else "digits"
+def _variants(a) -> dict[str, dict]:
+    "Method name -> recipe overrides: 'transfer' (the defaults) and every --variant NAME:key=value,..."
+    from fastlearn.core.recipes import parse_overrides
+    out = {"transfer": {}} if "transfer" in a.methods.split(",") else {}
+    for v in a.variant:
+        name, _, kv = v.partition(":")
+        out[name] = parse_overrides([x for x in kv.split(",") if x])
+    return out
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("data", nargs="*", help="image folders (train/+valid/ or <class>/ subfolders), or 'digits'")
+    p.add_argument("data", nargs="*", help="image folders (<class>/ subfolders, or train/ + valid/ holding them)")
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--max-per-class", type=int, default=None, help="training images per class (valid: half)")
+    p.add_argument("--max-per-class", type=int, default=None, help="training images per class")
+    p.add_argument("--valid-per-class", type=int, default=None, help="default: max(10, max-per-class / 4)")
+    p.add_argument("--test-per-class", type=int, default=30)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--methods", default="transfer,fastai", help="comma-separated: transfer, fastai, tutorial")
+    p.add_argument("--variant", action="append", default=[], help="NAME:key=value,... a transfer variant")
     p.add_argument("--tutorial-epochs", type=int, default=25)
     p.add_argument("--out", default="runs/real_data", help="views, logs and run folders go here")
-    p.add_argument("--json", default=None, help="also write all results to this JSON file")
-    p.add_argument("--one", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--json", default=None, help="also write all results to this JSON file (after every run)")
+    p.add_argument("--report", nargs="+", help="print the tables of these saved --json files and exit")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
     p.add_argument("--view", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
         return child(a)
-    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not a.data:
-        p.error(f"unknown method(s) {bad}; choose from {METHODS}" if bad else "give at least one data folder")
+    if a.report:
+        return report([r for f in a.report for r in json.loads(Path(f).read_text())])
+    if not a.data:
+        p.error("give at least one data folder")
+    variants = _variants(a)
+    baselines = [m for m in a.methods.split(",") if m in BASELINES]
     out = Path(a.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for src in a.data:
-        name = _dataset_name(src)
-        if src == "digits":
-            from fastlearn.data.samples import sample
-            src = str(sample("digits"))
+        name = Path(src).name
         for seed in a.seeds:
-            view = out / "views" / f"{name}-s{seed}"
-            info = make_view(Path(src), view, a.max_per_class, seed)
-            for m in methods:
-                print(f"# {name} seed {seed}: {m} ({info['n_train']} train / {info['n_valid']} valid, "
-                      f"{info['n_classes']} classes)", flush=True)
-                res = _spawn(m, view, a, seed, out / f"{name}-s{seed}-{m}.log")
-                results.append({"dataset": name, "seed": seed, "method": m, **info, **res})
-                print("  " + json.dumps({k: v for k, v in res.items() if k not in ("stages", "per_epoch")}),
-                      flush=True)
-    report(results, a)
-    if a.json:
-        Path(a.json).write_text(json.dumps(results, indent=1))
+            view = out / "views" / f"{name}-{a.max_per_class}-s{seed}"
+            info = make_view(Path(src), view, a.max_per_class, a.valid_per_class, a.test_per_class, seed)
+            for m in list(variants) + baselines:
+                res = _spawn(m if m in BASELINES else "transfer", variants.get(m, {}), view, a, seed,
+                             out / f"{name}-{a.max_per_class}-s{seed}-{m}.log")
+                row = {"dataset": name, "per_class": a.max_per_class, "size": a.size, "seed": seed, "method": m,
+                       "overrides": variants.get(m, {}), **info, **res}
+                results.append(row)
+                print(_line(row), flush=True)
+                if a.json:
+                    Path(a.json).write_text(json.dumps(results, indent=1, default=str))
+    report(results)
+
+
+# -- the tables -----------------------------------------------------------------------------------------
+
+def _f(x, fmt=".3f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def _line(r: dict) -> str:
+    if "error" in r:
+        return f"{r['dataset']:<19}{r['method']:<12} ERROR {r['error']}"
+    stages = " ".join(f"{n}:{a:.3f}" for n, a in r.get("stage_test", []) if n != "probe")
+    return (f"{r['dataset']:<19}{r['method']:<12}{_f(r.get('probe_test')):>7}{_f(r['test']):>7}{_f(r['valid']):>7}"
+            f"{r['seconds']:>8.1f}{_f(r.get('reached_s'), '.1f'):>8}  {r.get('kept') or '':<6}"
+            f"{'stopped' if r.get('stopped') else '':<8}{stages}")
+
+
+def _groups(results):
+    "(dataset, per_class) -> {method: [rows over seeds]}"
+    out: dict = {}
+    for r in results:
+        if "error" not in r:
+            out.setdefault((r["dataset"], r["per_class"]), {}).setdefault(r["method"], []).append(r)
+    return out
 
 
 def _mean(xs):
-    xs = [x for x in xs if x is not None]
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def report(results: list[dict], a) -> None:
+def report(results: list[dict]) -> None:
     import torch
-    print(f"\n{ARCH} (offline ImageNet weights), {a.size} px, max {a.max_per_class} train images/class, seeds "
-          f"{a.seeds}, CPU x{a.threads} threads, torch {torch.__version__}; mean over seeds")
-    hdr = f"{'dataset':<12}{'train/valid':>12}{'cls':>5}  {'method':<10}{'acc':>8}{'best':>8}{'wall s':>9}" \
-          f"{'x fastai':>9}{'lr_find':>8}{'jump':>6}  notes"
-    print(hdr)
-    print("-" * len(hdr))
-    checks = []
-    for name in dict.fromkeys(r["dataset"] for r in results):
-        rows = [r for r in results if r["dataset"] == name and "error" not in r]
-        by = {m: [r for r in rows if r["method"] == m] for m in METHODS}
-        fa_t = _mean(r["seconds"] for r in by["fastai"])
-        summary = {"dataset": name}
-        for m in METHODS:
-            rs = by[m]
-            if not rs:
-                continue
-            acc, secs = _mean(r["accuracy"] for r in rs), _mean(r["seconds"] for r in rs)
-            best = _mean(r.get("best") for r in rs) if m == "tutorial" else None
-            share = _mean(r.get("lr_find_s", 0) / r["seconds"] for r in rs) if m in ("transfer", "auto") else None
-            jump = max((r.get("max_stage_jump", 0) for r in rs), default=0) if m in ("transfer", "auto") else None
-            notes = ""
-            if m in ("transfer", "auto"):
-                notes = f"peak {_mean(r.get('peak_lr') for r in rs):.1e}"
-                if m == "auto":
-                    notes += f", chose {','.join(sorted({r['strategy'] for r in rs}))}"
-                    probes = [r.get("probe_acc") for r in rs if r.get("probe_acc") is not None]
-                    if probes:
-                        notes += f", probe {_mean(probes):.4f}"
-                kept = {(k.get("stage", "?") if isinstance(k, dict) else str(k)) for k in (r.get("kept") for r in rs) if k}
-                if kept:
-                    notes += f", kept {','.join(sorted(kept))}"
-            ratio = secs / fa_t if fa_t == fa_t and fa_t > 0 else float("nan")
-            r0 = rs[0]
-            print(f"{name:<12}{str(r0['n_train']) + '/' + str(r0['n_valid']):>12}{r0['n_classes']:>5}  {m:<10}"
-                  f"{acc:>8.4f}{best if best is not None else float('nan'):>8.4f}{secs:>9.1f}{ratio:>9.2f}"
-                  f"{share * 100 if share is not None else float('nan'):>7.1f}%"
-                  f"{jump if jump is not None else float('nan'):>6.2f}  {notes}")
-            summary.update({f"{m}_acc": round(acc, 4), f"{m}_s": round(secs, 1)})
-            if best is not None:
-                summary["tutorial_best"] = round(best, 4)
-            if share is not None:
-                summary[f"{m}_lr_find_share"] = round(share, 4)
-        errors = [r for r in results if r["dataset"] == name and "error" in r]
-        for r in errors:
-            print(f"{name:<12}{'':>17}  {r['method']:<10}  ERROR {r['error']}")
-        print("summary " + " ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
-        checks += _targets(name, summary, by)
-    if checks:
-        print("\ntargets (transfer/auto acc >= max(fastai, tutorial final) - 0.5 pt, wall <= 1.0x fastai, "
-              "lr_find <= 10%, stage valid-loss jump <= 2x, auto >= its probe):")
-        for line in checks:
-            print("  " + line)
+    sizes = sorted({r.get("size") for r in results if r.get("size")})
+    print(f"\n{ARCH} (offline ImageNet weights), {sizes} px, CPU, torch {torch.__version__}; TEST accuracy "
+          f"(mean over seeds); probe = the head on cached features before fine-tuning; stages: test at each stage end")
+    print(f"{'dataset':<19}{'method':<12}{'probe':>7}{'test':>7}{'valid':>7}{'wall s':>8}{'reach s':>8}  kept  "
+          f"        stage ends")
+    for r in results:
+        print(_line(r))
+    groups = _groups(results)
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    fl = [m for m in methods if m not in BASELINES]
+    print("\nper method, mean over datasets (test accuracy; wall s; x fastai wall):")
+    for m in methods:
+        rows = [g[m] for g in groups.values() if m in g]
+        acc = _mean(_mean(x["test"] for x in rs) for rs in rows)
+        sec = _mean(_mean(x["seconds"] for x in rs) for rs in rows)
+        ratio = _mean(_mean(x["seconds"] for x in g[m]) / _mean(x["seconds"] for x in g["fastai"])
+                      for g in groups.values() if m in g and "fastai" in g)
+        print(f"  {m:<12} test {acc:.4f}  wall {sec:7.1f}  x fastai {ratio:.2f}  ({len(rows)} sets)")
+    for m in fl:
+        _targets(m, groups)
+    if len(fl) > 1:
+        _lodo(fl, groups)
 
 
-def _targets(name: str, s: dict, by: dict) -> list[str]:
-    out = []
-    ref = max([s[k] for k in ("fastai_acc", "tutorial_acc") if k in s], default=None)
-    for m in ("transfer", "auto"):
-        if f"{m}_acc" not in s:
+def _targets(m: str, groups: dict) -> None:
+    "Issue 24's targets for variant `m`, on test accuracy."
+    lines, gains = [], []
+    for (name, pc), g in groups.items():
+        if m not in g:
             continue
-        if ref is not None:
-            ok = s[f"{m}_acc"] >= ref - 0.005
-            out.append(f"{'PASS' if ok else 'MISS'} {name} {m} accuracy {s[f'{m}_acc']:.4f} vs bar {ref - 0.005:.4f}")
-        if "fastai_s" in s:
-            ratio = s[f"{m}_s"] / s["fastai_s"]
-            out.append(f"{'PASS' if ratio <= 1.0 else 'MISS'} {name} {m} time {ratio:.2f}x fastai")
-        share = s.get(f"{m}_lr_find_share", 0)
-        out.append(f"{'PASS' if share <= 0.10 else 'MISS'} {name} {m} lr_find share {share * 100:.1f}%")
-        jump = max((r.get("max_stage_jump", 0) for r in by[m]), default=0)
-        out.append(f"{'PASS' if jump <= 2.0 else 'MISS'} {name} {m} max stage valid-loss jump {jump:.2f}x")
-    for r in by["auto"]:
-        if r.get("probe_acc") is not None:
-            ok = r["accuracy"] >= r["probe_acc"] - 1e-9
-            out.append(f"{'PASS' if ok else 'MISS'} {name} auto seed {r['seed']} {r['accuracy']:.4f} vs its probe "
-                       f"{r['probe_acc']:.4f}")
-    return out
+        rs = g[m]
+        probe, kept = _mean(x.get("probe_test") for x in rs), _mean(x["test"] for x in rs)
+        if probe == probe:
+            if probe < 0.97:
+                gains.append(kept - probe)
+            if kept < probe - 0.005:
+                lines.append(f"MISS {name}/{pc}: kept {kept:.3f} < probe {probe:.3f} - 0.5 pt")
+        if "fastai" in g:
+            fa, fa_s, s = _mean(x["test"] for x in g["fastai"]), _mean(x["seconds"] for x in g["fastai"]), \
+                _mean(x["seconds"] for x in rs)
+            ok = kept >= fa + 0.02 and s <= 0.7 * fa_s
+            lines.append(f"{'PASS' if ok else 'MISS'} {name}/{pc}: {kept:.3f} vs fastai {fa:.3f} (+2 pt: "
+                         f"{'yes' if kept >= fa + 0.02 else 'no'}), wall {s:.0f} s vs {fa_s:.0f} s "
+                         f"({s / fa_s:.2f}x, <= 0.7x: {'yes' if s <= 0.7 * fa_s else 'no'})")
+    mean_gain = _mean(gains)
+    print(f"\ntargets for {m}: kept - probe on sets with probe < 0.97: mean {mean_gain * 100:+.1f} pt over "
+          f"{len(gains)} sets ({'PASS' if mean_gain >= 0.01 else 'MISS'} >= +1.0)")
+    for line in lines:
+        print("  " + line)
+
+
+def _lodo(variants: list[str], groups: dict) -> None:
+    """Leave one dataset out: for each dataset, the variant with the best mean test accuracy over the other datasets
+    (every size), and its accuracy on the held-out dataset next to the best variant there."""
+    names = sorted({n for n, _ in groups})
+    print(f"\nleave-one-dataset-out choice among {variants}:")
+    held = []
+    for name in names:
+        others = {v: _mean(_mean(x["test"] for x in g[v]) for (n, _), g in groups.items() if n != name and v in g)
+                  for v in variants}
+        pick = max(others, key=lambda v: others[v])
+        mine = {v: _mean(_mean(x["test"] for x in g[v]) for (n, _), g in groups.items() if n == name and v in g)
+                for v in variants}
+        held.append((mine[pick], max(mine.values())))
+        print(f"  {name:<19} chosen on the others: {pick:<12} here {mine[pick]:.4f} (best here "
+              f"{max(mine, key=lambda v: mine[v])} {max(mine.values()):.4f})")
+    print(f"  held-out mean of the chosen: {_mean(h[0] for h in held):.4f}; of the best per set (oracle): "
+          f"{_mean(h[1] for h in held):.4f}")
 
 
 if __name__ == "__main__":

@@ -41,3 +41,18 @@ def test_keep_and_restore(tmp_path):
     assert all(torch.equal(m.state_dict()[n], v) for n, v in kept.items())
     with pytest.raises(RuntimeError, match="no weights"):
         KeepBest(tmp_path / "none.safetensors").restore(m)
+
+
+def test_clearly_worse_is_beyond_the_validation_noise():
+    from fastlearn.fit.keep import clearly_worse
+    best = Candidate("head", 0.97, 0.10)
+    se = math.sqrt(0.97 * 0.03 / 200)                                     # 0.0121 on 200 items
+    assert clearly_worse(0.97 - se - 1e-4, 0.2, best, 200)                # beyond one standard error, loss higher
+    assert not clearly_worse(0.97 - se + 1e-4, 0.2, best, 200)            # within it
+    assert not clearly_worse(0.80, 0.09, best, 200)                       # the loss fell: not worse
+    assert not clearly_worse(0.99, 0.2, best, 200)                        # a better metric
+    perfect = Candidate("head", 1.0, 0.01)                                # p(1-p) = 0: one item is the noise floor
+    assert not clearly_worse(0.99, 0.02, perfect, 100) and clearly_worse(0.98, 0.02, perfect, 100)
+    assert clearly_worse(float("nan"), 0.2, Candidate("head", float("nan"), 0.1), 50)  # no metric: the loss
+    # the digits quickstart's last stage, mid-way through its one-cycle: one image of 360 down, loss up: go on
+    assert not clearly_worse(0.9333, 0.383, Candidate("top7", 0.9361, 0.317), 360)

@@ -153,7 +153,7 @@ def test_ctrl_c_mid_epoch_then_resume_in_a_terminal(tmp_path):
     term.expect(r"resuming \S+ from ckpt-\d+\.pt: stage 1/1 epoch 2/2 from batch \d+")
     text = _finished(term, "all epoch 2/2")
     # the run's seconds count both processes: the first one's, as its checkpoint recorded them, and this one's
-    total, earlier = map(float, re.search(r"accuracy=\d\.\d{4} time=(\d+\.\d)s \((\d+\.\d)s of it before the resume\)",
+    total, earlier = map(float, re.search(r"accuracy=\d\.\d{4} time=(\d+\.\d)s reached=\d+\.\ds \((\d+\.\d)s of it before the resume\)",
                                           text).groups())
     assert earlier == round(before, 1) and total > before
     assert json.loads((run / "summary.json").read_text())["seconds"] >= before

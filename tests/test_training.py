@@ -117,9 +117,14 @@ def test_head_trains_on_cached_features_then_fine_tunes(feature_run):
 
 
 def test_keep_best_restores_the_head_when_fine_tuning_wrecks_it(image_folder, tmp_path):
-    res = _feature_run(image_folder, tmp_path / "run", ft_lr=3.0)  # an absurd fine-tuning LR
+    res = _feature_run(image_folder, tmp_path / "run", ft_lr=3.0, epochs=2)  # an absurd fine-tuning LR
     head = res.stages[0]
     assert res.stages[-1]["accuracy"] < head["accuracy"]
+    # the stage guard: the first fine-tuning epoch was worse than the head, so nothing trained after it
+    rows = list(csv.DictReader(open(tmp_path / "run/metrics.csv")))
+    assert [r["stage"] for r in rows if r["stage"] != "head"] == [res.stages[1]["stage"]] and len(res.stages) == 2
+    assert res.stages[1]["epochs"] == 1 < res.recipe.epochs
+    assert "worse than head's" in res.stopped and json.loads((tmp_path / "run/summary.json").read_text())["stopped"]
     assert res.kept["stage"] == "head" and "kept" in res.kept["why"]
     assert res.accuracy == pytest.approx(head["accuracy"]) and res.valid_loss == pytest.approx(head["valid_loss"])
     from safetensors.torch import load_file
@@ -130,6 +135,34 @@ def test_keep_best_restores_the_head_when_fine_tuning_wrecks_it(image_folder, tm
     last = latest_checkpoint(tmp_path / "run").stem
     assert _names(tmp_path / "run") == [f"{last}.pt", f"{last}.safetensors", "kept.safetensors", "latest"]
     assert os.path.samefile(tmp_path / "run/model.safetensors", tmp_path / "run/checkpoints/kept.safetensors")
+
+
+def test_without_the_stage_guard_every_planned_epoch_trains(image_folder, tmp_path):
+    from fastlearn.train.plan import stage_plan
+    res = _feature_run(image_folder, tmp_path / "run", ft_lr=3.0, epochs=2, stage_guard=False)
+    planned = sum(st.epochs for st in stage_plan(res.recipe, 9, "full")[1:])
+    rows = list(csv.DictReader(open(tmp_path / "run/metrics.csv")))
+    assert planned >= 2 and sum(r["stage"] != "head" for r in rows) == planned and not res.stopped
+    assert res.kept["stage"] == "head"  # keep-best still puts the head back at the end
+
+
+def _first_steps(run_dir, n_head: int = 5) -> tuple[float, float]:
+    "(the head's mean loss over its last `n_head` steps, the first fine-tuning step's loss), from trace.csv."
+    rows = list(csv.DictReader(open(run_dir / "trace.csv")))
+    head = [float(r["loss"]) for r in rows if r["stage"] == "head"][-n_head:]
+    return sum(head) / len(head), next(float(r["loss"]) for r in rows if r["stage"] != "head")
+
+
+def test_fine_tuning_starts_where_the_probe_ended_with_bn_in_inference_mode(image_folder, tmp_path):
+    # the stage boundary (issue 24): the first fine-tuning step sees the features the head was fitted on when every
+    # BatchNorm normalises by its running statistics; with batch statistics (train mode) the loss jumps
+    over = {"augment": False, "stage_guard": False}
+    _feature_run(image_folder, tmp_path / "eval", ft_bn="eval", **over)
+    head, first = _first_steps(tmp_path / "eval")
+    assert first < 2 * head + 0.05, (head, first)
+    _feature_run(image_folder, tmp_path / "train", ft_bn="train", **over)
+    head_t, first_t = _first_steps(tmp_path / "train")
+    assert head_t == pytest.approx(head) and first_t > 5 * first, (first, first_t)
 
 
 def test_resume_after_the_head_skips_the_feature_pass_and_is_exact(image_folder, tmp_path, feature_run, monkeypatch):

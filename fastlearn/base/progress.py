@@ -131,10 +131,10 @@ def _fitted_widths(headers: list[str], cells: list[list[str]], avail: int) -> li
     return widths
 
 
-def summary_table(rows: Sequence[dict], title: str = "fastlearn run") -> str:
-    "Render rows (dicts with the same keys) as a rich table; returns the text it printed."
+def summary_table(rows: Sequence[dict], title: str = "fastlearn run", caption: str | None = None) -> str:
+    "Render rows (dicts with the same keys) as a rich table, `caption` under it; returns the text it printed."
     from rich.table import Table
-    t = Table(title=title)
+    t = Table(title=title, caption=caption, caption_justify="left")
     keys = list(rows[0]) if rows else []
     headers = [_header(k) for k in keys]
     cells = [[_cell(k, r[k]) for k in keys] for r in rows]

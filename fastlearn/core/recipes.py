@@ -71,6 +71,12 @@ class Recipe:
     train_bn: bool = True               # BatchNorm in frozen groups keeps training (fastai); false: frozen groups are
                                         # frozen whole, so backward stops at the lowest trainable group (cheaper steps)
     keep_best: bool = True              # end with the best stage end's weights (by validation metric, then loss)
+    ft_bn: Literal["train", "eval"] = "train"  # BatchNorm while fine-tuning: "train" normalises by batch statistics
+                                        # and updates the running ones (PyTorch, fastai); "eval" keeps every BN layer
+                                        # in inference mode, on the running statistics the head was fitted on (Keras)
+    stage_guard: bool = True            # a fine-tuning epoch clearly worse on validation than the best so far (loss
+                                        # higher, metric lower beyond the validation set's noise) stops the run
+                                        # there and keeps the best weights (with keep_best; fit.keep.clearly_worse)
     lr_ratio: float = 100.0             # head LR / first-group LR, geometric in between
     head_epochs: int = 1
     unfreeze_epochs: int = 1            # per intermediate unfreezing stage

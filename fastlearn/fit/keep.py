@@ -14,10 +14,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from fastai.callback.core import Callback, CancelFitException
 
+from ..base.progress import first_metric
 from ..core.weights import load_weights, save_weights
 
-__all__ = ["Candidate", "better", "KeepBest"]
+__all__ = ["Candidate", "better", "KeepBest", "clearly_worse", "StopWhenWorse"]
 
 
 @dataclass(frozen=True)
@@ -84,3 +86,49 @@ class KeepBest:
         b = state.get("best")
         self.best = None if b is None else Candidate(**b)
         self._weights = None
+
+
+def clearly_worse(score: float, loss: float, best: Candidate, n_valid: int) -> bool:
+    """Whether an epoch's validation (`score`: first metric, `loss`) is worse than `best` beyond the noise of `n_valid`
+    validation items: a higher loss and a score lower by more than one binomial standard error of the best's,
+    sqrt(p (1 - p) / n), and at least one item (1 / n). A dip of an item or two, as mid-way through a one-cycle at its
+    peak LR, is not a reason to stop; the collapse of a stage that unlearns the features is. Without a metric
+    (nan), a higher loss alone."""
+    if not loss > best.valid_loss:
+        return False
+    if not (math.isfinite(score) and math.isfinite(best.score)):
+        return True
+    p, n = best.score, max(1, n_valid)
+    return score < p - max(math.sqrt(max(p * (1 - p), 0.0) / n), 1 / n)
+
+
+class StopWhenWorse(Callback):
+    """Validation-guided fine-tuning: after every epoch the epoch's validation is compared with keep-best's best so far;
+    an epoch `clearly_worse` than it stops the fit, so the run goes no further down a stage that is making the model
+    worse (keep-best then puts the best back).
+
+    It raises `CancelFitException` in `after_epoch` before the `Checkpointer` (order 90) saves that epoch: no
+    checkpoint holds a state the run walked away from, and a resume repeats the epoch and decides again. Every
+    epoch's (seconds on the run's `clock`, score) is recorded in `reached` (the time to an accuracy)."""
+    order = 85  # after Recorder (50), the progress line (65), MetricsLog (66) and HyperTrace (70)
+
+    def __init__(self, keep: KeepBest | None, clock, enabled: bool = True):
+        self.keep, self.clock, self.enabled = keep, clock, enabled
+        self.stage = ""
+        self.reached: list[tuple[float, float]] = []  # (run clock at the epoch's end, its score)
+        self.stopped = ""                              # why the run stopped early ("" while it has not)
+
+    def after_epoch(self):
+        loss, score = first_metric(self.learn)
+        self.reached.append((round(self.clock(), 3), score))
+        best = self.keep.best if self.keep is not None else None
+        if not self.enabled or best is None or not clearly_worse(score, loss, best, len(self.dls.valid.dataset)):
+            return
+        self.stopped = (f"{self.stage} epoch {self.epoch + 1} ended at validation {_text(score, loss)}, clearly worse "
+                        f"than {best.stage}'s {_text(best.score, best.valid_loss)}: fine-tuning stops here and "
+                        f"{best.stage}'s weights are kept (stage_guard = false trains every planned epoch)")
+        raise CancelFitException()
+
+
+def _text(score: float, loss: float) -> str:
+    return f"accuracy {score:.4f}, loss {loss:.4f}" if math.isfinite(score) else f"loss {loss:.4f}"

@@ -17,6 +17,7 @@ from ..base.ranks import broadcast_object, global_batch_size, is_main_process
 from ..core.recipes import Recipe, load_recipe
 from ..core.schedules import UnfreezeStage, scale_lr
 from ..core.weights import save_weights
+from ..fit.bn import BNInference
 from ..fit.resize import ProgressiveResize
 from ..fit.swa import run_swa
 from ..run.card import write_model_card
@@ -51,7 +52,8 @@ class RunResult:
     swa: dict = field(default_factory=dict)  # run_swa's valid losses and which weights were kept ({} without SWA)
     timings: dict = field(default_factory=dict)  # seconds: features, lr_find, head, probe, total
     probe_accuracy: float | None = None  # the head on frozen features' validation accuracy (a linear probe)
-    kept: dict | None = None            # which weights the run ended with, and why (keep_best)
+    kept: dict | None = None            # which weights the run ended with, why (keep_best), and when first reached
+    stopped: str = ""                   # why fine-tuning stopped before its planned end (stage_guard), or ""
     ft_peak_lr: float | None = None     # peak LR of the first fine-tuning stage
 
 
@@ -122,9 +124,14 @@ def _run_recipe(learn, r: Recipe, run_dir: Path, resume: bool = False, checkpoin
         if at is None:
             continue
         run.begin_stage(learn, r, i, st, at, ckpt)
+        bn = [BNInference()] if r.ft_bn == "eval" and st.trainable > 1 else []  # BN policy while fine-tuning
         learn.fit_stage(st.epochs - (at[0].epoch_offset if at else 0), st.lrs(r.lr_ratio), r.div, r.final_div,
-                        r.pct_start, r.moms, cbs=[run.trace, run.log, ckpt, run.guard, stop] + extra + at + list(cbs or []))
+                        r.pct_start, r.moms, cbs=[run.trace, run.log, ckpt, run.guard, run.worse, stop] + bn + extra
+                        + at + list(cbs or []))
         run.end_stage(learn, st)
+        if run.worse.stopped:  # an epoch worse than the best so far: no further epochs nor stages
+            say(f"stopped: {run.worse.stopped}")
+            break
     return _finish(learn, r, run, plan, extra, cbs)
 
 
@@ -229,15 +236,18 @@ def _finish(learn, r: Recipe, run: RunState, plan: list, extra: list, cbs) -> Ru
     acc = float(mets[0]) if mets else float("nan")
     result = RunResult(run.run_dir, r, run.strategy, acc, float(valid_loss), run.timings["total"], run.peak,
                        run.stages, run.why, swa, timings=run.timings, probe_accuracy=run.probe, kept=kept,
-                       ft_peak_lr=run.ft_peak)
+                       ft_peak_lr=run.ft_peak, stopped=run.worse.stopped)
     if is_main_process():
         _write_outputs(learn, result, run.trace, run.log)
         if not r.keep_checkpoints:  # finished and written: an interrupted or failed run never gets here
             _prune_checkpoints(run.run_dir, run.keep, kept)
-        summary_table(run.stages, title=f"{r.name}: {run.strategy}")
+        summary_table(run.stages, title=f"{r.name}: {run.strategy}",
+                      caption=f"kept: {kept['stage']}, first reached at {kept['seconds_to_accuracy']:.1f}s of "
+                              f"{result.seconds:.1f}s" + (" (stopped early)" if run.worse.stopped else ""))
     resumed = f" ({run.before:.1f}s of it before the resume)" if run.before else ""
-    # the run's one result line, `key=value` so that scripts and CI read it (the command line adds the run folder)
-    say(f"accuracy={acc:.4f} time={result.seconds:.1f}s{resumed}")
+    # the run's one result line, `key=value` so that scripts and CI read it (the command line adds the run folder);
+    # reached: when an epoch (or the head on features) first reached the kept accuracy, on the same clock
+    say(f"accuracy={acc:.4f} time={result.seconds:.1f}s reached={kept['seconds_to_accuracy']:.1f}s{resumed}")
     if kept["stage"] != "final":
         say(f"kept: {kept['why']}")
     return result

@@ -13,7 +13,7 @@ from ..base.progress import epoch_metrics, first_metric
 from ..base.ranks import is_main_process
 from ..core.recipes import Recipe
 from ..fit.guard import NonFiniteGuard
-from ..fit.keep import Candidate, KeepBest, better
+from ..fit.keep import Candidate, KeepBest, StopWhenWorse, better
 from ..run.checkpoint import CheckpointState, ResumeAt, resume_state
 from ..run.records import HyperTrace, MetricsLog, stage_row
 from .head import use_feature_head
@@ -40,6 +40,7 @@ class RunState:
     log: MetricsLog | None = None
     guard: NonFiniteGuard = field(default_factory=NonFiniteGuard)
     keep: KeepBest | None = None       # keep-best: offered every stage end, asked once at the end (`kept`)
+    worse: StopWhenWorse | None = None  # the stage guard: stops fine-tuning at an epoch worse than keep-best's best
     resumed: CheckpointState | None = None
     t0: float = field(default_factory=time.perf_counter)
 
@@ -53,6 +54,7 @@ class RunState:
             run.on_features = use_feature_head(learn, r, "full" if r.strategy == "auto" else r.strategy)
         run.log = MetricsLog(run_dir / "metrics.csv", write=main)
         run.keep = KeepBest(run_dir / "checkpoints" / "kept.safetensors", write=main) if r.keep_best else None
+        run.worse = StopWhenWorse(run.keep, run.elapsed, enabled=r.stage_guard)
         if ck is not None:
             x = ck.extra
             run.strategy, run.why, run.on_features = x["strategy"], x["why"], x.get("on_features", False)
@@ -65,6 +67,7 @@ class RunState:
             run.trace.rows, run.log.rows = list(x["trace"]), list(x["metrics"])
             if run.keep is not None and x.get("kept"):
                 run.keep.load_state_dict(x["kept"])
+            run.worse.reached = [tuple(p) for p in x.get("reached", [])]
         return run
 
     def to_checkpoint(self) -> dict:
@@ -73,7 +76,7 @@ class RunState:
                 "stages": self.stages, "trace": self.trace.rows, "metrics": self.log.rows,
                 "on_features": self.on_features, "probe": self.probe,
                 "kept": self.keep.state_dict() if self.keep else None, "timings": self.timings,
-                "seconds": self.elapsed(), "stage_t0": self.stage_t0}
+                "seconds": self.elapsed(), "stage_t0": self.stage_t0, "reached": self.worse.reached}
 
     def elapsed(self) -> float:
         "Seconds on the run's clock, every process of the run counted."
@@ -81,11 +84,13 @@ class RunState:
 
     def label(self, learn, name: str) -> None:
         "The stage name in traces, metrics, guard messages and progress lines."
-        for cb in [self.trace, self.log, self.guard] + [c for c in learn.cbs if hasattr(c, "stage")]:
+        for cb in [self.trace, self.log, self.guard, self.worse] + [c for c in learn.cbs if hasattr(c, "stage")]:
             cb.stage = name
 
     def offer(self, learn, name: str, valid_loss: float, score: float) -> None:
         "A stage end's weights to keep-best."
+        if name == "head" and not self.worse.reached:  # the head on features: no epoch of images recorded it
+            self.worse.reached.append((round(self.elapsed(), 3), score))
         if self.keep is not None:
             self.keep.offer(learn.model, Candidate(name, score, valid_loss, len(self.trace.rows)))
 
@@ -142,18 +147,25 @@ class RunState:
         self.offer(learn, st.name, vals.get("valid_loss", float("nan")), vals[metrics[0]] if metrics else float("nan"))
 
     def kept(self, learn, valid_loss: float, mets: list) -> dict:
-        "keep-best's one decision, at the end: the weights the run ended with, or the best stage end's put back."
+        """keep-best's one decision, at the end: the weights the run ended with, or the best stage end's put back;
+        with the seconds (on the run's clock) at which an epoch first reached the kept score."""
         final = Candidate("final", float(mets[0]) if mets else float("nan"), float(valid_loss), len(self.trace.rows))
         best = self.keep.best if self.keep is not None else None
         if best is not None and not better(final, best):
             self.keep.restore(learn.model)  # a stage end beat the weights the run ended with: keep that stage's
             return {"stage": best.stage, "accuracy": best.score, "valid_loss": best.valid_loss,
                     "final_accuracy": final.score, "final_valid_loss": final.valid_loss,
+                    "seconds_to_accuracy": self.time_to(best.score),
                     "why": f"stage {best.stage!r} reached validation {_metric_text(best)}, better than the "
                            f"end of the run ({_metric_text(final)}); its weights were kept"}
         return {"stage": "final", "accuracy": final.score, "valid_loss": final.valid_loss,
+                "seconds_to_accuracy": self.time_to(final.score),
                 "why": "the end of the run was the best on validation" if self.keep is not None else
                        "keep_best = false: the weights the run ended with"}
+
+    def time_to(self, score: float) -> float:
+        "Seconds on the run's clock at the first epoch end that reached `score` (the run's total when none did)."
+        return next((t for t, s in self.worse.reached if math.isfinite(score) and s >= score), round(self.elapsed(), 3))
 
 
 def _metric_text(c: Candidate) -> str:
