@@ -56,3 +56,13 @@ def test_clearly_worse_is_beyond_the_validation_noise():
     assert clearly_worse(float("nan"), 0.2, Candidate("head", float("nan"), 0.1), 50)  # no metric: the loss
     # the digits quickstart's last stage, mid-way through its one-cycle: one image of 360 down, loss up: go on
     assert not clearly_worse(0.9333, 0.383, Candidate("top7", 0.9361, 0.317), 360)
+
+
+def test_mix_weights_is_the_linear_interpolation():
+    from fastlearn.core.weights import mix_weights
+    a = {"w": torch.tensor([0.0, 2.0]), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([4.0, 6.0]), "n": torch.tensor(7)}
+    m = mix_weights(a, b, 0.25)
+    assert torch.equal(m["w"], 0.75 * a["w"] + 0.25 * b["w"]) and m["n"].item() == 7  # counters: the fine-tuned one's
+    with pytest.raises(ValueError, match="different keys"):
+        mix_weights({"x": torch.zeros(1)}, b, 0.5)

@@ -146,6 +146,21 @@ def test_without_the_stage_guard_every_planned_epoch_trains(image_folder, tmp_pa
     assert res.kept["stage"] == "head"  # keep-best still puts the head back at the end
 
 
+def test_the_soup_mixes_the_head_stage_and_the_fine_tuned_weights(image_folder, tmp_path):
+    from safetensors.torch import load_file
+    from fastlearn.core.weights import mix_weights
+    from fastlearn.run.checkpoint import latest_checkpoint
+    res = _feature_run(image_folder, tmp_path / "run", soup=0.5, ft_bn="eval", stage_guard=False, keep_checkpoints=True)
+    ck = tmp_path / "run/checkpoints"
+    probe, tuned = load_file(str(ck / "probe.safetensors")), load_file(str(latest_checkpoint(tmp_path / "run")
+                                                                              .with_suffix(".safetensors")))
+    final = load_file(str(tmp_path / "run/model.safetensors"))
+    assert res.kept["stage"] == "final" and res.kept["soup"] == 0.5 and "WiSE-FT" in res.kept["why"]
+    mix = mix_weights(probe, tuned, 0.5)
+    assert all(torch.equal(final[k], mix[k]) for k in final)
+    assert not all(torch.equal(final[k], tuned[k]) for k in final)  # not the fine-tuned weights themselves
+
+
 def _first_steps(run_dir, n_head: int = 5) -> tuple[float, float]:
     "(the head's mean loss over its last `n_head` steps, the first fine-tuning step's loss), from trace.csv."
     rows = list(csv.DictReader(open(run_dir / "trace.csv")))
@@ -175,6 +190,15 @@ def test_resume_after_the_head_skips_the_feature_pass_and_is_exact(image_folder,
     a, b = load_file(str(res.run_dir / "model.safetensors")), load_file(str(feature_run.run_dir / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (res.run_dir / "trace.csv").read_text() == (feature_run.run_dir / "trace.csv").read_text()
+
+
+def test_a_resume_after_the_head_scales_an_explicit_ft_lr_as_the_first_process_would(image_folder, tmp_path):
+    over = {"ft_lr": 1e-3, "lr_ref_bs": 4}  # the recipe's fine-tuning LR, given for 4 images per step
+    full = _feature_run(image_folder, tmp_path / "full", **over)
+    with pytest.raises(KeyboardInterrupt):
+        _feature_run(image_folder, tmp_path / "run", stop_after=1, **over)  # after the head's checkpoint
+    res = _feature_run(image_folder, tmp_path / "run", resume=True, **over)
+    assert res.ft_peak_lr == full.ft_peak_lr == pytest.approx(1e-3 * res.recipe.bs / 4)
 
 
 # -- a finished run keeps only the checkpoint a resume or an inspection reads (issue 22) -------------------------

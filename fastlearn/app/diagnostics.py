@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base.progress import summary_table
+from ..core.hotpath import plain_tensor
 from ..core.lr_finder import learner_snapshot
 from ..core.models import unwrap_model
 from ..core.recipes import parse_overrides
@@ -165,15 +166,10 @@ def generalise_verdict(valid_accuracy: float, chance: float, n_valid: int, train
 
 # -- measuring a Learner ---------------------------------------------------------------------------
 
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    "fastai's TensorImage/TensorCategory as plain tensors (torch functions then dispatch normally)."
-    return t.as_subclass(torch.Tensor) if isinstance(t, torch.Tensor) else t
-
-
 def _take(dl, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     out = []
     for b in dl:
-        out.append((_plain(b[0]), _plain(b[1])))
+        out.append((plain_tensor(b[0]), plain_tensor(b[1])))
         if len(out) >= n:
             break
     return out
@@ -188,7 +184,7 @@ def _item_keys(ds) -> tuple[list[str], list[str]]:
         return hashes, [str(p) for p in items]
     hashes, names = [], []
     for i in range(len(ds)):
-        x = _plain(ds[i][0])
+        x = plain_tensor(ds[i][0])
         x = x.detach().cpu().contiguous().numpy() if isinstance(x, torch.Tensor) else x
         hashes.append(hashlib.blake2b(bytes(memoryview(x).cast("B")) if hasattr(x, "dtype") else repr(x).encode(),
                                       digest_size=16).hexdigest())
@@ -247,7 +243,7 @@ def _mean_loss_acc(model, batches, multi: bool = False, thresh: float = 0.5) -> 
     "Mean loss and accuracy (multi-label: per-label accuracy at `thresh`, fastai's accuracy_multi) over batches."
     losses, correct, n = [], 0.0, 0
     for xb, yb in batches:
-        out = _plain(model(xb))
+        out = plain_tensor(model(xb))
         losses.append(float(_loss(out, yb, multi, reduction="sum")))
         if multi:
             correct += float(((out.sigmoid() > thresh) == yb.bool()).float().mean(1).sum())
@@ -311,7 +307,7 @@ def sanity_check(learn, n_batches: int = 8, overfit_batches: int = 5, overfit_st
         first = last = math.nan
         for step in range(overfit_steps):
             xb, yb = sub[step % len(sub)]
-            loss = _loss(_plain(model(xb)), yb, multi)
+            loss = _loss(plain_tensor(model(xb)), yb, multi)
             opt.zero_grad()
             loss.backward()
             opt.step()

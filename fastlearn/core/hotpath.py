@@ -31,7 +31,7 @@ from fastcore.xtras import modify_exception
 _CANCELS = (CancelBatchException, CancelBackwardException, CancelEpochException, CancelFitException,
             CancelStepException, CancelTrainException, CancelValidException)
 
-__all__ = ["LeanLearner", "EventTable", "event_handlers", "flat_loss", "DeviceSmoothLoss"]
+__all__ = ["LeanLearner", "EventTable", "event_handlers", "flat_loss", "DeviceSmoothLoss", "plain_tensor"]
 
 
 def _handles(cb, event_name: str) -> bool:
@@ -68,7 +68,8 @@ class EventTable:
         return hs
 
 
-def _plain(x):
+def plain_tensor(x):
+    "fastai's tensor subclasses (TensorBase, TensorImage, TensorCategory) as plain tensors; anything else as it is."
     return x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) and type(x) is not torch.Tensor else x
 
 
@@ -76,7 +77,7 @@ def flat_loss(loss_func, pred, *yb, **kwargs):
     """`loss_func(pred, *yb)`, the same number, on plain tensors. fastai's flattened losses (`BaseLoss`) are
     computed with their own steps (class axis last, flatten, integer targets to long) without wrapping the
     predictions in `TensorBase`; any other loss function gets plain-tensor arguments and a plain result."""
-    pred, yb = _plain(pred), tuple(_plain(y) for y in yb)
+    pred, yb = plain_tensor(pred), tuple(plain_tensor(y) for y in yb)
     f = loss_func
     if isinstance(f, BaseLoss) and type(f).__call__ is BaseLoss.__call__ and len(yb) == 1:
         inp, targ = pred, yb[0]
@@ -86,7 +87,7 @@ def flat_loss(loss_func, pred, *yb, **kwargs):
         if targ.dtype in (torch.int8, torch.int16, torch.int32): targ = targ.long()
         if f.flatten: inp = inp.view(-1, inp.shape[-1]) if f.is_2d else inp.view(-1)
         return f.func.__call__(inp, targ.view(-1) if f.flatten else targ, **kwargs)
-    return _plain(f(pred, *yb, **kwargs))
+    return plain_tensor(f(pred, *yb, **kwargs))
 
 
 class DeviceSmoothLoss(AvgSmoothLoss):
@@ -102,7 +103,7 @@ class DeviceSmoothLoss(AvgSmoothLoss):
         if self.val.device != loss.device:
             self.val = self.val.to(loss.device)
         self.count += 1
-        self.val = torch.lerp(_plain(loss), self.val, self.beta)
+        self.val = torch.lerp(plain_tensor(loss), self.val, self.beta)
 
     @property
     def value(self):

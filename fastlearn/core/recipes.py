@@ -77,6 +77,8 @@ class Recipe:
     stage_guard: bool = True            # a fine-tuning epoch clearly worse on validation than the best so far (loss
                                         # higher, metric lower beyond the validation set's noise) stops the run
                                         # there and keeps the best weights (with keep_best; fit.keep.clearly_worse)
+    soup: float = 0.0                   # after fine-tuning, the weights (1 - soup) x the head stage's end + soup x
+                                        # the fine-tuned ones (WiSE-FT) are one more candidate for keep-best; 0 = off
     lr_ratio: float = 100.0             # head LR / first-group LR, geometric in between
     head_epochs: int = 1
     unfreeze_epochs: int = 1            # per intermediate unfreezing stage
@@ -178,7 +180,7 @@ _RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "ema_decay": (0, 1, "open"), "early_stop": (1, None, "ge"), "lr_ref_bs": (1, None, "ge"),
     "resize_start": (16, None, "ge"), "resize_multiple": (1, None, "ge"),
     "checkpoint_every": (0, None, "ge"), "keep_last": (1, None, "ge"), "focal_gamma": (0, None, "ge"),
-    "swa_epochs": (0, None, "ge"), "swa_lr": (0, None, "low"), "health_every": (0, None, "ge"),
+    "swa_epochs": (0, None, "ge"), "soup": (0, 1, "right_open"), "swa_lr": (0, None, "low"), "health_every": (0, None, "ge"),
     "num_workers": (0, None, "ge"), "threshold": (0, 1, "open"),
 }
 

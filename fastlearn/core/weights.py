@@ -11,7 +11,7 @@ from ..base.files import atomic_write
 from .models import unwrap_model
 
 
-__all__ = ["save_weights", "load_weights", "load_learner"]
+__all__ = ["save_weights", "load_weights", "load_learner", "mix_weights"]
 
 
 def load_learner(path: str | Path, trust: bool = False, cpu: bool = True):
@@ -55,3 +55,12 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.
                                   f"refusing to unpickle arbitrary objects") from None
     unwrap_model(model).load_state_dict(sd, strict=strict)
     return model
+
+
+def mix_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """The weight-space mix (1 - alpha) a + alpha b of two state dicts of one architecture (WiSE-FT: a = the weights
+    fine-tuning started from, b = where it ended). Floating tensors (parameters, BN statistics) are interpolated in
+    their own dtype; integer buffers (BN's batch counters) are b's."""
+    if a.keys() != b.keys():
+        raise ValueError(f"cannot mix state dicts with different keys: {sorted(a.keys() ^ b.keys())[:5]}")
+    return {k: torch.lerp(a[k].to(b[k].dtype), b[k], alpha) if b[k].is_floating_point() else b[k].clone() for k in b}

@@ -93,15 +93,12 @@ def extract_features(learn, bs: int = 64, max_train: int | None = None, seed: in
     """One pass of the frozen body over the training and validation images, in eval mode with the validation
     transforms (no augmentation), without gradients; also the BatchNorm-statistics shift on the training images.
 
-    The head fitted on these features then fine-tunes with fastai's train-mode BatchNorm: measured on 250 flower
-    photos at 224 px, that beat both re-estimating the BN statistics on the new images first (AdaBN) and keeping
-    BN in eval mode while fine-tuning (0.896 vs 0.864 and 0.824 after 3 epochs). Images far from the pretraining
-    data are the exception: where the shift exceeds `adapt_bn_above`, the BN running statistics are re-estimated
-    on the training images (AdaBN: one pass, BN layers alone in train mode) and the features computed again with
-    them, and the model keeps those statistics. Otherwise a head fitted under the pretrained statistics meets very
-    different ones as soon as fine-tuning's train-mode BN updates them (the digits sample at 64 px: head 0.90,
-    then 0.32 after one fine-tuning epoch). Else the model's weights, BN statistics and train/eval mode are left
-    as they were, and always the global random states. `max_train` caps the training images (a seeded random
+    For images far from the pretraining data (a shift above `adapt_bn_above`) the BN running statistics are
+    re-estimated on the training images (AdaBN: one pass, BN layers alone in train mode), the features computed
+    again with them, and the model keeps those statistics: the head is fitted under the statistics fine-tuning
+    starts from (the recipe's `ft_bn` says whether fine-tuning then updates them; bench/real_data.py measures both).
+    Else the model's weights, BN statistics and train/eval mode are left as they were; the global random states
+    always are. `max_train` caps the training images (a seeded random
     subset) for very large data sets."""
     from fastai.torch_core import no_random
     from timm.utils import unwrap_model

@@ -61,8 +61,10 @@ def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, over
                runs_root: str | Path = "runs", resume: bool = False, checkpoint_steps: int = 0,
                cbs=None, accept_data_change: bool = False) -> RunResult:
     """Run `recipe` on `learn`: find the LR, train the head (on cached features when the body is pretrained),
-    choose the strategy (`auto`), fine-tune each unfreezing stage as a one-cycle with discriminative LRs, keep
-    the best stage end's weights, and write everything into a run folder.
+    choose the strategy (`auto`), fine-tune each unfreezing stage as a one-cycle with discriminative LRs (BatchNorm
+    as `ft_bn` says; an epoch clearly worse on validation than the best so far ends fine-tuning: `stage_guard`),
+    optionally mix the head stage's and the fine-tuned weights (`soup`), keep the best candidate's weights, and write
+    everything into a run folder.
 
     Checkpoints go to `run_dir/checkpoints` every `recipe.checkpoint_every` epochs, at each stage's end and,
     with `checkpoint_steps`, every that many batches. `resume=True` continues `run_dir` from its latest
@@ -199,15 +201,14 @@ def _body_peak(learn, r: Recipe, run: RunState, total_steps: int) -> float:
 
 
 def _ft_peak(r: Recipe, run: RunState, groups: list) -> float:
-    """The first fine-tuning stage's peak LR. The recipe's `ft_lr`, scaled to the global batch as `lr` is; else after
-    the head on features ft_lr_factor x the head's LR (calibrated for the valley rule on the head's sweep), capped
-    at ft_lr_max; on the classic path (one sweep of the whole model, its divergence-side peak) the head's LR x the
-    first fine-tuning stage's lr_mult (stage_lr_mult per deeper stage), as the stage plan says."""
-    if run.ft_peak is None:
-        run.ft_peak = min(run.peak * r.ft_lr_factor, r.ft_lr_max) if run.on_features else \
-            run.peak * first_ft_mult(groups)
-    elif run.resumed is None:  # a resumed run's checkpoint holds it as its first process resolved it
-        run.ft_peak = _at_global_batch(r, run.ft_peak)
+    """The first fine-tuning stage's peak LR, resolved once (a checkpoint written later holds it). The recipe's
+    `ft_lr`, scaled to the global batch as `lr` is; else after the head on features ft_lr_factor x the head's LR
+    (calibrated for the valley rule on the head's sweep), capped at ft_lr_max; on the classic path (one sweep of the
+    whole model, its divergence-side peak) the head's LR x the first fine-tuning stage's lr_mult (stage_lr_mult per
+    deeper stage), as the stage plan says."""
+    if run.ft_peak is None:  # a new run, or a resume from the head's checkpoint (written before this was resolved)
+        run.ft_peak = _at_global_batch(r, r.ft_lr) if r.ft_lr is not None else \
+            min(run.peak * r.ft_lr_factor, r.ft_lr_max) if run.on_features else run.peak * first_ft_mult(groups)
     return run.ft_peak
 
 
@@ -227,7 +228,10 @@ def _finish(learn, r: Recipe, run: RunState, plan: list, extra: list, cbs) -> Ru
             if callable(getattr(type(cb), "finish", None)):
                 cb.finish(learn)
         valid_loss, *mets = learn.validate()
-        kept = run.kept(learn, valid_loss, mets)
+        souped = run.try_soup(learn, valid_loss, mets)  # the fine-tuned weights became a candidate; the mix is judged
+        if souped:
+            valid_loss, *mets = learn.validate()
+        kept = run.kept(learn, valid_loss, mets, souped)
         if kept["stage"] != "final":  # keep-best put a stage end's weights back: the result is theirs
             valid_loss, *mets = learn.validate()
     run.timings["total"] = run.elapsed()

@@ -8,11 +8,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from safetensors.torch import load_file
+
 from ..base.console import say
 from ..base.progress import epoch_metrics, first_metric
 from ..base.ranks import is_main_process
 from ..core.recipes import Recipe
 from ..fit.guard import NonFiniteGuard
+from ..core.models import unwrap_model
+from ..core.weights import mix_weights, save_weights
 from ..fit.keep import Candidate, KeepBest, StopWhenWorse, better
 from ..run.checkpoint import CheckpointState, ResumeAt, resume_state
 from ..run.records import HyperTrace, MetricsLog, stage_row
@@ -42,6 +46,8 @@ class RunState:
     keep: KeepBest | None = None       # keep-best: offered every stage end, asked once at the end (`kept`)
     worse: StopWhenWorse | None = None  # the stage guard: stops fine-tuning at an epoch worse than keep-best's best
     resumed: CheckpointState | None = None
+    soup: float = 0.0                  # the recipe's soup: the fine-tuned weights' share in the WiSE-FT mix (0 = off)
+    probe_weights: dict | None = None  # the head stage's end (a CPU copy), what the soup mixes with, when soup > 0
     t0: float = field(default_factory=time.perf_counter)
 
     @classmethod
@@ -49,7 +55,7 @@ class RunState:
         "A new run's state, or the state the latest checkpoint of `run_dir` saved."
         main = is_main_process()  # under DDP only rank 0 writes files; all ranks train
         ck = resume_state(run_dir, r) if resume else None
-        run = cls(run_dir, r.strategy, peak=r.lr, ft_peak=r.ft_lr, resumed=ck)
+        run = cls(run_dir, r.strategy, peak=r.lr, resumed=ck, soup=r.soup)  # ft_peak: resolved by the runner, once
         if ck is None:
             run.on_features = use_feature_head(learn, r, "full" if r.strategy == "auto" else r.strategy)
         run.log = MetricsLog(run_dir / "metrics.csv", write=main)
@@ -68,6 +74,8 @@ class RunState:
             if run.keep is not None and x.get("kept"):
                 run.keep.load_state_dict(x["kept"])
             run.worse.reached = [tuple(p) for p in x.get("reached", [])]
+            if run.soup and run._probe_path().exists():
+                run.probe_weights = load_file(str(run._probe_path()))
         return run
 
     def to_checkpoint(self) -> dict:
@@ -91,8 +99,28 @@ class RunState:
         "A stage end's weights to keep-best."
         if name == "head" and not self.worse.reached:  # the head on features: no epoch of images recorded it
             self.worse.reached.append((round(self.elapsed(), 3), score))
+        if name == "head" and self.soup:  # where fine-tuning starts: the soup's other end (on disk for a resume)
+            self.probe_weights = {k: v.detach().to("cpu", copy=True) for k, v in unwrap_model(learn.model).state_dict().items()}
+            if is_main_process():
+                save_weights(learn.model, self._probe_path())
         if self.keep is not None:
             self.keep.offer(learn.model, Candidate(name, score, valid_loss, len(self.trace.rows)))
+
+    def _probe_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "probe.safetensors"
+
+    def try_soup(self, learn, valid_loss: float, mets: list) -> bool:
+        """WiSE-FT: offer the fine-tuned weights to keep-best, then load the mix (1 - soup) x the head stage's end +
+        soup x them; `kept` then judges the mix as the run's final weights. False (nothing done) without a soup, or
+        when no fine-tuning epoch trained after the head."""
+        if not self.soup or self.probe_weights is None or self.keep is None or \
+                not any(s["stage"] != "head" and s["epochs"] for s in self.stages):
+            return False
+        self.offer(learn, "fine-tuned", valid_loss, float(mets[0]) if mets else float("nan"))
+        model = unwrap_model(learn.model)
+        tuned = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        model.load_state_dict(mix_weights(self.probe_weights, tuned, self.soup))
+        return True
 
     def say_resumed(self, n_stages: int) -> None:
         ck = self.resumed
@@ -146,9 +174,9 @@ class RunState:
         metrics = [k for k in vals if k not in ("train_loss", "valid_loss")]
         self.offer(learn, st.name, vals.get("valid_loss", float("nan")), vals[metrics[0]] if metrics else float("nan"))
 
-    def kept(self, learn, valid_loss: float, mets: list) -> dict:
-        """keep-best's one decision, at the end: the weights the run ended with, or the best stage end's put back;
-        with the seconds (on the run's clock) at which an epoch first reached the kept score."""
+    def kept(self, learn, valid_loss: float, mets: list, souped: bool = False) -> dict:
+        """keep-best's one decision, at the end: the weights the run ended with (`souped`: the WiSE-FT mix), or the
+        best stage end's put back; with the seconds (on the run's clock) at which the kept score was first reached."""
         final = Candidate("final", float(mets[0]) if mets else float("nan"), float(valid_loss), len(self.trace.rows))
         best = self.keep.best if self.keep is not None else None
         if best is not None and not better(final, best):
@@ -158,10 +186,13 @@ class RunState:
                     "seconds_to_accuracy": self.time_to(best.score),
                     "why": f"stage {best.stage!r} reached validation {_metric_text(best)}, better than the "
                            f"end of the run ({_metric_text(final)}); its weights were kept"}
+        why = "the end of the run was the best on validation" if self.keep is not None else \
+            "keep_best = false: the weights the run ended with"
+        if souped:
+            why = (f"the soup of the head stage's and the fine-tuned weights ({1 - self.soup:g} : {self.soup:g}, "
+                   f"WiSE-FT) was the best on validation ({_metric_text(final)})")
         return {"stage": "final", "accuracy": final.score, "valid_loss": final.valid_loss,
-                "seconds_to_accuracy": self.time_to(final.score),
-                "why": "the end of the run was the best on validation" if self.keep is not None else
-                       "keep_best = false: the weights the run ended with"}
+                "seconds_to_accuracy": self.time_to(final.score), "soup": self.soup if souped else 0.0, "why": why}
 
     def time_to(self, score: float) -> float:
         "Seconds on the run's clock at the first epoch end that reached `score` (the run's total when none did)."
