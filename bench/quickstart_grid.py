@@ -28,6 +28,7 @@ def one(seed: int, threads: int, out: Path, extra: list[str]) -> dict:
     t = time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
+    (out / f"seed{seed}-t{threads}.log").write_text(p.stdout + p.stderr)  # what the user would have read
     if p.returncode != 0:
         print(p.stdout[-2000:], p.stderr[-2000:], sep="\n", file=sys.stderr)
         raise SystemExit(f"seed {seed}, {threads} threads: exit {p.returncode}")

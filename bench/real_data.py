@@ -383,23 +383,35 @@ def _targets(m: str, groups: dict) -> None:
         print("  " + line)
 
 
+def _ft_end(x: dict) -> float | None:
+    "Test accuracy where fine-tuning ended (the last stage end), whatever keep-best kept."
+    ends = [a for n, a in x.get("stage_test", []) if n != "probe"]
+    return ends[-1] if ends else None
+
+
 def _lodo(variants: list[str], groups: dict) -> None:
     """Leave one dataset out: for each dataset, the variant with the best mean test accuracy over the other datasets
-    (every size), and its accuracy on the held-out dataset next to the best variant there."""
+    (every size), and its accuracy on the held-out dataset next to the best variant there. Scored twice: on the kept
+    weights (what the user gets) and where fine-tuning ended (what the fine-tuning rule itself did)."""
     names = sorted({n for n, _ in groups})
-    print(f"\nleave-one-dataset-out choice among {variants}:")
-    held = []
-    for name in names:
-        others = {v: _mean(_mean(x["test"] for x in g[v]) for (n, _), g in groups.items() if n != name and v in g)
-                  for v in variants}
-        pick = max(others, key=lambda v: others[v])
-        mine = {v: _mean(_mean(x["test"] for x in g[v]) for (n, _), g in groups.items() if n == name and v in g)
-                for v in variants}
-        held.append((mine[pick], max(mine.values())))
-        print(f"  {name:<19} chosen on the others: {pick:<12} here {mine[pick]:.4f} (best here "
-              f"{max(mine, key=lambda v: mine[v])} {max(mine.values()):.4f})")
-    print(f"  held-out mean of the chosen: {_mean(h[0] for h in held):.4f}; of the best per set (oracle): "
-          f"{_mean(h[1] for h in held):.4f}")
+    variants = [v for v in variants if all(v in g for g in groups.values())]  # compared on the same sets only
+    if len(variants) < 2:
+        return
+    for what, score in (("kept", lambda x: x["test"]), ("fine-tuning end", _ft_end)):
+        print(f"\nleave-one-dataset-out choice among {variants}, scored on the {what} test accuracy:")
+        held = []
+        for name in names:
+            def mean_on(keep):
+                return {v: _mean(_mean(score(x) for x in g[v]) for (n, _), g in groups.items() if keep(n) and v in g)
+                        for v in variants}
+            others, mine = mean_on(lambda n: n != name), mean_on(lambda n: n == name)
+            pick = max(others, key=lambda v: (others[v] if others[v] == others[v] else -1))
+            best = max(mine, key=lambda v: (mine[v] if mine[v] == mine[v] else -1))
+            held.append((mine[pick], mine[best]))
+            print(f"  {name:<19} chosen on the others: {pick:<14} here {mine[pick]:.4f} (best here {best} "
+                  f"{mine[best]:.4f})")
+        print(f"  held-out mean of the chosen: {_mean(h[0] for h in held):.4f}; of the best per set (oracle): "
+              f"{_mean(h[1] for h in held):.4f}")
 
 
 if __name__ == "__main__":

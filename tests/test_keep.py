@@ -66,3 +66,18 @@ def test_mix_weights_is_the_linear_interpolation():
     assert torch.equal(m["w"], 0.75 * a["w"] + 0.25 * b["w"]) and m["n"].item() == 7  # counters: the fine-tuned one's
     with pytest.raises(ValueError, match="different keys"):
         mix_weights({"x": torch.zeros(1)}, b, 0.5)
+
+
+def test_a_later_candidate_replaces_the_best_only_when_clearly_better(tmp_path):
+    from fastlearn.fit.keep import clearly_better
+    probe = Candidate("head", 0.80, 0.5)
+    se = math.sqrt(0.8 * 0.2 / 100)                                          # 0.04 on 100 items
+    assert not clearly_better(Candidate("all", 0.80 + se - 1e-4, 0.4), probe, 100)
+    assert clearly_better(Candidate("all", 0.80 + se + 1e-4, 0.9), probe, 100)   # the score decides, not the loss
+    assert clearly_better(Candidate("all", 0.81, 0.4), probe, None)             # no n: the plain order
+    assert clearly_better(Candidate("all", float("nan"), 0.4), Candidate("head", float("nan"), 0.5), 100)
+    keep = KeepBest(tmp_path / "kept.safetensors", n_valid=100)
+    model = nn.Linear(2, 2)
+    assert keep.offer(model, probe)
+    assert not keep.offer(model, Candidate("all", 0.82, 0.3)) and keep.best.stage == "head"  # two images: noise
+    assert keep.offer(model, Candidate("all", 0.86, 0.3)) and keep.best.stage == "all"

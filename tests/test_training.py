@@ -110,8 +110,11 @@ def test_head_trains_on_cached_features_then_fine_tunes(feature_run):
     assert rows[0]["stage"] == "head" and sum(r["stage"] == "head" for r in rows) == res.stages[0]["epochs"]
     # the recipe the run used is what it records: the batch size derived from the data
     assert "bs = " in (d / "recipe.toml").read_text() and res.recipe.bs >= 1
-    # keep-best: never below a stage end it passed, and it says which weights it kept
-    assert res.accuracy >= max(s["accuracy"] for s in res.stages) - 1e-9
+    # keep-best: never clearly below a stage end it passed (one standard error of the validation set, at least one
+    # image), and it says which weights it kept
+    n = sum(json.loads((d / "data.json").read_text())["counts"]["valid"].values())
+    top = max(s["accuracy"] for s in res.stages)
+    assert res.accuracy >= top - max((top * (1 - top) / n) ** 0.5, 1 / n) - 1e-9
     summary = json.loads((d / "summary.json").read_text())
     assert summary["kept"]["stage"] in {"final"} | {s["stage"] for s in res.stages} and summary["kept"]["why"]
 
@@ -146,10 +149,15 @@ def test_without_the_stage_guard_every_planned_epoch_trains(image_folder, tmp_pa
     assert res.kept["stage"] == "head"  # keep-best still puts the head back at the end
 
 
-def test_the_soup_mixes_the_head_stage_and_the_fine_tuned_weights(image_folder, tmp_path):
+def test_the_soup_mixes_the_head_stage_and_the_fine_tuned_weights(image_folder, tmp_path, monkeypatch):
     from safetensors.torch import load_file
+    import fastlearn.train.state
     from fastlearn.core.weights import mix_weights
+    from fastlearn.fit.keep import better
     from fastlearn.run.checkpoint import latest_checkpoint
+    # every candidate scores 1.0 on these 12 validation images: none is *clearly* better, so the plain order (a tie
+    # goes to the later candidate, the soup) lets the soup be kept and its weights checked
+    monkeypatch.setattr(fastlearn.train.state, "clearly_better", lambda a, b, n: better(a, b))
     res = _feature_run(image_folder, tmp_path / "run", soup=0.5, ft_bn="eval", stage_guard=False, keep_checkpoints=True)
     ck = tmp_path / "run/checkpoints"
     probe, tuned = load_file(str(ck / "probe.safetensors")), load_file(str(latest_checkpoint(tmp_path / "run")

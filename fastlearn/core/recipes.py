@@ -73,7 +73,8 @@ class Recipe:
     keep_best: bool = True              # end with the best stage end's weights (by validation metric, then loss)
     ft_bn: Literal["train", "eval"] = "train"  # BatchNorm while fine-tuning: "train" normalises by batch statistics
                                         # and updates the running ones (PyTorch, fastai); "eval" keeps every BN layer
-                                        # in inference mode, on the running statistics the head was fitted on (Keras)
+                                        # in inference mode, on the running statistics the head was fitted on (Keras;
+                                        # pair it with ft_lr_max = 3e-4). Default: bench/real_data.py, 02_fine_tuning
     stage_guard: bool = True            # a fine-tuning epoch clearly worse on validation than the best so far (loss
                                         # higher, metric lower beyond the validation set's noise) stops the run
                                         # there and keeps the best weights (with keep_best; fit.keep.clearly_worse)

@@ -1,11 +1,12 @@
-"""Keep the best: the weights a run ends with are never worse on validation than the best stage end it passed.
+"""Keep the best: the weights a run ends with are never clearly worse on validation than a stage end it passed.
 
 Each stage end (the head on cached features included, whose validation accuracy is `auto`'s linear probe) is a
-candidate; so is the final model after EMA/SWA. The rule is a pure function: higher validation score (the first
-metric, e.g. accuracy) wins, a lower validation loss breaks ties, and later candidates win exact ties (they
-trained longer on the same evidence). Choosing on the validation set is what fastai's `SaveModelCallback` and the
-PyTorch tutorial do; the reported accuracy of the kept weights is therefore the best of a few looks at the same
-validation images, which the summary says.
+candidate; so is the final model after EMA/SWA (and the soup). A later candidate replaces the best only when it is
+`clearly_better`: a validation score (the first metric, e.g. accuracy) higher by more than one binomial standard error
+of that validation set, at least one item; without a metric, a lower loss. `better` is the plain order (score, then
+loss, later wins ties). Choosing on the validation set is what fastai's `SaveModelCallback` and the PyTorch tutorial
+do; on a small validation set the plain order keeps whichever candidate was luckiest on those images, which is why
+the margin is there. `StopWhenWorse` is the same rule the other way: an epoch clearly worse ends fine-tuning.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from fastai.callback.core import Callback, CancelFitException
 from ..base.progress import first_metric
 from ..core.weights import load_weights, save_weights
 
-__all__ = ["Candidate", "better", "KeepBest", "clearly_worse", "StopWhenWorse"]
+__all__ = ["Candidate", "better", "clearly_better", "KeepBest", "clearly_worse", "StopWhenWorse"]
 
 
 @dataclass(frozen=True)
@@ -47,18 +48,37 @@ def better(a: Candidate, b: Candidate | None) -> bool:
     return _key(a) >= _key(b)
 
 
+def _noise(p: float, n: int) -> float:
+    "One binomial standard error of an accuracy `p` on `n` validation items, and at least one item."
+    n = max(1, n)
+    return max(math.sqrt(max(p * (1 - p), 0.0) / n), 1 / n)
+
+
+def clearly_better(a: Candidate, b: Candidate | None, n_valid: int | None) -> bool:
+    """Whether `a` should replace `b` on a validation set of `n_valid` items: a score higher by more than the noise of
+    that set (one binomial standard error of b's, at least one item); without a metric, a lower loss. A later
+    candidate that is better by an image or two on a small validation set is as likely to be worse on new data, and
+    selecting on the same few images again and again is what inflates validation numbers: the earlier one (the
+    probe first) stays. `n_valid=None` falls back to `better`."""
+    if b is None or n_valid is None:
+        return better(a, b)
+    if not (math.isfinite(a.score) and math.isfinite(b.score)):
+        return a.valid_loss < b.valid_loss
+    return a.score > b.score + _noise(b.score, n_valid)
+
+
 class KeepBest:
     """Tracks the best candidate and a CPU copy of its weights; with `path`, also writes them there (atomically,
     main process only) so a resumed run still knows them."""
 
-    def __init__(self, path: str | Path | None = None, write: bool = True):
-        self.path, self.write = (Path(path) if path is not None else None), write
+    def __init__(self, path: str | Path | None = None, write: bool = True, n_valid: int | None = None):
+        self.path, self.write, self.n_valid = (Path(path) if path is not None else None), write, n_valid
         self.best: Candidate | None = None
         self._weights: dict[str, torch.Tensor] | None = None
 
     def offer(self, model: torch.nn.Module, cand: Candidate) -> bool:
         "Remember `cand` and `model`'s weights if it beats the best so far; returns whether it did."
-        if not better(cand, self.best):
+        if not clearly_better(cand, self.best, self.n_valid):
             return False
         from timm.utils import unwrap_model
         self.best = cand
@@ -98,8 +118,7 @@ def clearly_worse(score: float, loss: float, best: Candidate, n_valid: int) -> b
         return False
     if not (math.isfinite(score) and math.isfinite(best.score)):
         return True
-    p, n = best.score, max(1, n_valid)
-    return score < p - max(math.sqrt(max(p * (1 - p), 0.0) / n), 1 / n)
+    return score < best.score - _noise(best.score, n_valid)
 
 
 class StopWhenWorse(Callback):

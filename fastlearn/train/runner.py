@@ -126,7 +126,7 @@ def _run_recipe(learn, r: Recipe, run_dir: Path, resume: bool = False, checkpoin
         if at is None:
             continue
         run.begin_stage(learn, r, i, st, at, ckpt)
-        bn = [BNInference()] if r.ft_bn == "eval" and st.trainable > 1 else []  # BN policy while fine-tuning
+        bn = [BNInference()] if _bn_inference(r, run, st) else []
         learn.fit_stage(st.epochs - (at[0].epoch_offset if at else 0), st.lrs(r.lr_ratio), r.div, r.final_div,
                         r.pct_start, r.moms, cbs=[run.trace, run.log, ckpt, run.guard, run.worse, stop] + bn + extra
                         + at + list(cbs or []))
@@ -135,6 +135,13 @@ def _run_recipe(learn, r: Recipe, run_dir: Path, resume: bool = False, checkpoin
             say(f"stopped: {run.worse.stopped}")
             break
     return _finish(learn, r, run, plan, extra, cbs)
+
+
+def _bn_inference(r: Recipe, run: RunState, st) -> bool:
+    """`ft_bn = "eval"` applies where a pretrained body is fine-tuned after its head: never to the head stage (its
+    frozen body's statistics adapt to the data there, as fastai's do), nor to a network trained from scratch, whose
+    BatchNorm statistics have not been estimated yet."""
+    return r.ft_bn == "eval" and st.trainable > 1 and r.pretrained and run.strategy != "scratch"
 
 
 def _head_stage(learn, r: Recipe, run: RunState) -> None:

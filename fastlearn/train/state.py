@@ -17,7 +17,7 @@ from ..core.recipes import Recipe
 from ..fit.guard import NonFiniteGuard
 from ..core.models import unwrap_model
 from ..core.weights import mix_weights, save_weights
-from ..fit.keep import Candidate, KeepBest, StopWhenWorse, better
+from ..fit.keep import Candidate, KeepBest, StopWhenWorse, clearly_better
 from ..run.checkpoint import CheckpointState, ResumeAt, resume_state
 from ..run.records import HyperTrace, MetricsLog, stage_row
 from .head import use_feature_head
@@ -59,7 +59,8 @@ class RunState:
         if ck is None:
             run.on_features = use_feature_head(learn, r, "full" if r.strategy == "auto" else r.strategy)
         run.log = MetricsLog(run_dir / "metrics.csv", write=main)
-        run.keep = KeepBest(run_dir / "checkpoints" / "kept.safetensors", write=main) if r.keep_best else None
+        run.keep = KeepBest(run_dir / "checkpoints" / "kept.safetensors", write=main,
+                            n_valid=len(learn.dls.valid_ds)) if r.keep_best else None
         run.worse = StopWhenWorse(run.keep, run.elapsed, enabled=r.stage_guard)
         if ck is not None:
             x = ck.extra
@@ -179,13 +180,14 @@ class RunState:
         best stage end's put back; with the seconds (on the run's clock) at which the kept score was first reached."""
         final = Candidate("final", float(mets[0]) if mets else float("nan"), float(valid_loss), len(self.trace.rows))
         best = self.keep.best if self.keep is not None else None
-        if best is not None and not better(final, best):
-            self.keep.restore(learn.model)  # a stage end beat the weights the run ended with: keep that stage's
+        if best is not None and not clearly_better(final, best, self.keep.n_valid) and not _same(final, best):
+            self.keep.restore(learn.model)  # the end of the run did not clearly beat a stage end: keep that stage's
             return {"stage": best.stage, "accuracy": best.score, "valid_loss": best.valid_loss,
                     "final_accuracy": final.score, "final_valid_loss": final.valid_loss,
                     "seconds_to_accuracy": self.time_to(best.score),
-                    "why": f"stage {best.stage!r} reached validation {_metric_text(best)}, better than the "
-                           f"end of the run ({_metric_text(final)}); its weights were kept"}
+                    "why": f"the end of the run ({_metric_text(final)}) was not clearly better on validation than "
+                           f"stage {best.stage!r} ({_metric_text(best)}; by more than one standard error of "
+                           f"{self.keep.n_valid} images): its weights were kept"}
         why = "the end of the run was the best on validation" if self.keep is not None else \
             "keep_best = false: the weights the run ended with"
         if souped:
@@ -197,6 +199,11 @@ class RunState:
     def time_to(self, score: float) -> float:
         "Seconds on the run's clock at the first epoch end that reached `score` (the run's total when none did)."
         return next((t for t, s in self.worse.reached if math.isfinite(score) and s >= score), round(self.elapsed(), 3))
+
+
+def _same(a: Candidate, b: Candidate) -> bool:
+    "The same weights: no optimizer step between the two, and the same validation (so no EMA or soup swapped them)."
+    return a.step == b.step and a.valid_loss == b.valid_loss and (a.score == b.score or not math.isfinite(a.score))
 
 
 def _metric_text(c: Candidate) -> str:
