@@ -11,7 +11,7 @@ from ..base.files import atomic_write
 from .models import unwrap_model
 
 
-__all__ = ["save_weights", "load_weights", "load_learner", "mix_weights"]
+__all__ = ["save_weights", "load_weights", "load_learner", "cpu_state_dict", "mix_weights"]
 
 
 def load_learner(path: str | Path, trust: bool = False, cpu: bool = True):
@@ -57,10 +57,15 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.
     return model
 
 
+def cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    "A CPU copy of the (unwrapped) model's weights and buffers: what later training of the model cannot change."
+    return {k: v.detach().to("cpu", copy=True) for k, v in unwrap_model(model).state_dict().items()}
+
+
 def mix_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
     """The weight-space mix (1 - alpha) a + alpha b of two state dicts of one architecture (WiSE-FT: a = the weights
     fine-tuning started from, b = where it ended). Floating tensors (parameters, BN statistics) are interpolated in
-    their own dtype; integer buffers (BN's batch counters) are b's."""
+    b's dtype, on b's device; integer buffers (BN's batch counters) are b's."""
     if a.keys() != b.keys():
         raise ValueError(f"cannot mix state dicts with different keys: {sorted(a.keys() ^ b.keys())[:5]}")
-    return {k: torch.lerp(a[k].to(b[k].dtype), b[k], alpha) if b[k].is_floating_point() else b[k].clone() for k in b}
+    return {k: torch.lerp(a[k].to(b[k]), b[k], alpha) if b[k].is_floating_point() else b[k].clone() for k in b}

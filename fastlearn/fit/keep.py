@@ -18,7 +18,7 @@ import torch
 from fastai.callback.core import Callback, CancelFitException
 
 from ..base.progress import first_metric
-from ..core.weights import load_weights, save_weights
+from ..core.weights import cpu_state_dict, load_weights, save_weights
 
 __all__ = ["Candidate", "better", "clearly_better", "KeepBest", "clearly_worse", "StopWhenWorse"]
 
@@ -80,9 +80,8 @@ class KeepBest:
         "Remember `cand` and `model`'s weights if it beats the best so far; returns whether it did."
         if not clearly_better(cand, self.best, self.n_valid):
             return False
-        from timm.utils import unwrap_model
         self.best = cand
-        self._weights = {k: v.detach().to("cpu", copy=True) for k, v in unwrap_model(model).state_dict().items()}
+        self._weights = cpu_state_dict(model)
         if self.path is not None and self.write:
             save_weights(model, self.path)
         return True

@@ -16,7 +16,7 @@ from ..base.ranks import is_main_process
 from ..core.recipes import Recipe
 from ..fit.guard import NonFiniteGuard
 from ..core.models import unwrap_model
-from ..core.weights import mix_weights, save_weights
+from ..core.weights import cpu_state_dict, mix_weights, save_weights
 from ..fit.keep import Candidate, KeepBest, StopWhenWorse, clearly_better
 from ..run.checkpoint import CheckpointState, ResumeAt, resume_state
 from ..run.records import HyperTrace, MetricsLog, stage_row
@@ -101,7 +101,7 @@ class RunState:
         if name == "head" and not self.worse.reached:  # the head on features: no epoch of images recorded it
             self.worse.reached.append((round(self.elapsed(), 3), score))
         if name == "head" and self.soup:  # where fine-tuning starts: the soup's other end (on disk for a resume)
-            self.probe_weights = {k: v.detach().to("cpu", copy=True) for k, v in unwrap_model(learn.model).state_dict().items()}
+            self.probe_weights = cpu_state_dict(learn.model)
             if is_main_process():
                 save_weights(learn.model, self._probe_path())
         if self.keep is not None:
@@ -119,8 +119,7 @@ class RunState:
             return False
         self.offer(learn, "fine-tuned", valid_loss, float(mets[0]) if mets else float("nan"))
         model = unwrap_model(learn.model)
-        tuned = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        model.load_state_dict(mix_weights(self.probe_weights, tuned, self.soup))
+        model.load_state_dict(mix_weights(self.probe_weights, model.state_dict(), self.soup))
         return True
 
     def say_resumed(self, n_stages: int) -> None:
