@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -177,7 +178,6 @@ def _take(dl, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def _item_keys(ds) -> tuple[list[str], list[str]]:
     "(hash, name) per item: file bytes for path items (fastai Datasets.items), tensor bytes otherwise."
-    from pathlib import Path
     items = getattr(ds, "items", None)
     if items is not None and len(items) == len(ds) and all(isinstance(p, (str, Path)) for p in items[:5]):
         hashes = [hashlib.blake2b(Path(p).read_bytes(), digest_size=16).hexdigest() for p in items]
@@ -423,7 +423,6 @@ def diagnose(epoch_rows: Sequence[dict], n_classes: int | None = None, improving
 def read_epoch_rows(path) -> list[dict]:
     "Per-epoch rows from a run folder's metrics.csv (or the CSV itself), numbers as floats."
     import csv
-    from pathlib import Path
     p = Path(path)
     p = p / "metrics.csv" if p.is_dir() else p
     if not p.is_file():

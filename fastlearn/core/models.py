@@ -16,7 +16,7 @@ from torch import nn
 from ..base.errors import LabelRangeError, UnknownArchError, WeightsError
 
 
-__all__ = ["create_model", "check_arch", "load_offline_weights", "offline_weights_path", "OFFLINE_WEIGHTS", "OfflineWeights",
+__all__ = ["create_model", "bn_layers", "check_arch", "load_offline_weights", "offline_weights_path", "OFFLINE_WEIGHTS", "OfflineWeights",
            "model_stats", "model_input_size", "is_convolutional", "check_head", "model_n_out", "classifier_param_names",
            "unwrap_model"]
 
@@ -200,6 +200,12 @@ def model_input_size(arch: str) -> int:
     if offline_weights_path(arch) is not None:
         return OFFLINE_WEIGHTS[arch].input_size
     return int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else 224
+
+
+def bn_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's BatchNorm layers by name (1d/2d/3d, SyncBatchNorm, timm's BatchNormAct2d: every `_BatchNorm`), for
+    BN in inference mode while fine-tuning, the BN-shift measure and the distributed trainer's SyncBatchNorm swap."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
 
 
 def _is_attention(m: nn.Module) -> bool:

@@ -1,13 +1,10 @@
 """Image-folder checks and fastai DataLoaders: every data problem is reported before any compute is spent."""
 
-import mimetypes
 import os
 import random
 import re
 import sys
 import warnings
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -19,12 +16,11 @@ from fastai.torch_core import TensorImage, cast, default_device
 from fastai.vision.augment import Resize, aug_transforms
 from fastai.vision.core import PILImage
 from fasttransform import Transform
-from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.auto_augment import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 
-from ..base.errors import CorruptImageError, DataError, EmptyClassError, SingleClassError
+from ..base.errors import DataError
 from ..core.models import model_input_size, model_stats
 from ..core.targets import set_label_info
 from .labels import csv_parts, label_report

@@ -22,11 +22,8 @@ import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Sequence
-
-import torch
 
 from ..base.errors import CorruptImageError, DataError, EmptyClassError, SingleClassError
 from .folders import BAD_IMAGES, check_image_folder, decode_problem, FolderReport, MAX_LISTED, random_splitter

@@ -9,15 +9,11 @@ shift still train when their group does. fastai sets the whole model to train mo
 """
 from __future__ import annotations
 
-import torch.nn as nn
 from fastai.callback.core import Callback
 
-__all__ = ["BNInference", "bn_layers"]
+from ..core.models import bn_layers
 
-
-def bn_layers(model: nn.Module) -> list[nn.Module]:
-    "The model's BatchNorm layers (1d/2d/3d, SyncBatchNorm, timm's BatchNormAct2d: every `_BatchNorm`)."
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+__all__ = ["BNInference"]
 
 
 class BNInference(Callback):
@@ -25,5 +21,5 @@ class BNInference(Callback):
     order = -9  # right after TrainEvalCallback (-10) set model.train()
 
     def before_train(self):
-        for m in bn_layers(self.learn.model):
+        for m in bn_layers(self.learn.model).values():
             m.eval()

@@ -40,15 +40,14 @@ they get wrong for us fixed in subclasses (fastai 2.8.12, `fastai/distributed.py
 from __future__ import annotations
 
 import math
-import os
 import sys
 from contextlib import contextmanager
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback
+from fastai.callback.schedule import LRFinder
 from fastai.distributed import DistributedDL, DistributedTrainer, _round_to_multiple
 from fastai.torch_core import apply, to_detach
 from torch import nn
@@ -56,6 +55,7 @@ from torch import nn
 from ..base.errors import FastlearnError, NonFiniteError, TrainingInterrupted
 from ..base.progress import EpochProgress
 from ..core.lr_finder import LRSweep
+from ..core.models import bn_layers
 from ..base.ranks import DEFAULT_TIMEOUT_S, group_device, broadcast_object, init_distributed, is_main_process, rank, world_size
 
 
@@ -132,10 +132,6 @@ class FullValidDL(_WrappedDL):
 
 # -- the trainer callback ------------------------------------------------------------------------------
 
-def _bn_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if n and isinstance(m, nn.modules.batchnorm._BatchNorm)}
-
-
 def _put_back(model: nn.Module, modules: dict[str, nn.Module]) -> None:
     "Set each submodule `name` of `model` back to `modules[name]`."
     for name, m in modules.items():
@@ -178,7 +174,7 @@ class DDPTrainer(DistributedTrainer):
         self.orig_model = self.learn.model
         if self.sync_bn:
             from timm.layers import convert_sync_batchnorm
-            self._bns = _bn_modules(self.orig_model)
+            self._bns = {n: m for n, m in bn_layers(self.orig_model).items() if n}
             model = convert_sync_batchnorm(self.orig_model)  # in place below the root, sharing parameters
         else:
             model = self.orig_model
@@ -208,7 +204,6 @@ class DDPTrainer(DistributedTrainer):
     def _sweeping(self) -> bool:
         # An LR range test is meant to diverge: its own callback stops it, on every rank at once, because
         # the smoothed loss it watches is already all-gathered (averaged) by fastai's Recorder.
-        from fastai.callback.schedule import LRFinder
         return any(isinstance(cb, (LRSweep, LRFinder)) for cb in self.learn.cbs)
 
     def after_train(self):

@@ -18,6 +18,7 @@ import torch
 from fastai.callback.core import Callback, CancelFitException
 
 from ..base.progress import first_metric
+from ..core.models import unwrap_model
 from ..core.weights import cpu_state_dict, load_weights, save_weights
 
 __all__ = ["Candidate", "better", "clearly_better", "KeepBest", "clearly_worse", "StopWhenWorse"]
@@ -88,7 +89,6 @@ class KeepBest:
 
     def restore(self, model: torch.nn.Module) -> None:
         "Load the best candidate's weights into `model` (from memory, else from `path`)."
-        from timm.utils import unwrap_model
         if self._weights is not None:
             unwrap_model(model).load_state_dict(self._weights)
         elif self.path is not None and self.path.exists():
@@ -140,7 +140,7 @@ class StopWhenWorse(Callback):
         loss, score = first_metric(self.learn)
         self.reached.append((round(self.clock(), 3), score))
         best = self.keep.best if self.keep is not None else None
-        if not self.enabled or best is None or not clearly_worse(score, loss, best, len(self.dls.valid.dataset)):
+        if not self.enabled or best is None or not clearly_worse(score, loss, best, self.keep.n_valid):
             return
         self.stopped = (f"{self.stage} epoch {self.epoch + 1} ended at validation {_text(score, loss)}, clearly worse "
                         f"than {best.stage}'s {_text(best.score, best.valid_loss)}: fine-tuning stops here and "

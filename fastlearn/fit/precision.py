@@ -19,6 +19,7 @@ import torch
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
+from fastai.torch_core import set_seed
 
 from ..core.models import is_convolutional
 
@@ -206,7 +207,6 @@ def set_deterministic(on: bool) -> None:
 
 def seed_and_mode(seed: int, deterministic: bool | None, device=None) -> bool:
     "fastai's `set_seed(seed)` and `set_deterministic(resolve_deterministic(...))`; returns the mode (True: deterministic)."
-    from fastai.torch_core import set_seed
     set_seed(seed)
     on = resolve_deterministic(deterministic, device)
     set_deterministic(on)

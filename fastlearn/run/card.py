@@ -19,9 +19,6 @@ import json
 import tomllib
 from pathlib import Path
 
-import torch
-from torch import nn
-
 from ..base.errors import RunFolderError
 from ..base.files import atomic_write
 from ..base.version import __version__

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
-import random
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -26,13 +24,11 @@ import numpy as np
 import torch
 from fastai.callback.core import Callback, CancelBatchException
 from fastai.torch_core import rank_distrib
-from torch import nn
 
 from ..base.errors import CheckpointError
 from ..base.progress import epoch_metrics
 from ..base.ranks import is_main_process
 from ..base.version import __version__
-from ..core.models import unwrap_model
 from ..fit.precision import learner_device
 from ..base.files import atomic_write
 from ..base.rng import rng_state, set_rng_state

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from fastai.torch_core import no_random
 from torch import nn
 
-from ..core.optim import split_decay
+from ..core.models import bn_layers, unwrap_model
+from ..core.optim import FixedSplit, split_decay
 from ..fit.precision import learner_device
-from ..core.optim import FixedSplit
 
 
 __all__ = ["FeatureCache", "extract_features", "feature_head", "supports_feature_head", "BNShift", "pooled_features",
@@ -57,7 +58,6 @@ class _Dropout(nn.Module):
 def feature_head(model: nn.Module) -> nn.Module:
     """The part of a timm model between its pooled pre-logits features and the logits: dropout at the model's
     `drop_rate` (a no-op in eval mode), then the classifier itself, whose parameters are shared with `model`."""
-    from timm.utils import unwrap_model
     m = unwrap_model(model)
     return nn.Sequential(_Dropout(float(getattr(m, "drop_rate", 0.0) or 0.0)), m.get_classifier())
 
@@ -66,7 +66,6 @@ def supports_feature_head(model: nn.Module, size: int = 32) -> bool:
     """True when the logits of `model` are `feature_head(model)` applied to `forward_head(pre_logits=True)`,
     checked numerically in eval mode on a random image, so training the head on cached features trains exactly
     the model's own classifier. False for models without a plain Linear classifier or timm's head API."""
-    from timm.utils import unwrap_model
     m = unwrap_model(model)
     if not all(hasattr(m, a) for a in ("forward_features", "forward_head", "get_classifier")):
         return False
@@ -100,8 +99,6 @@ def extract_features(learn, bs: int = 64, max_train: int | None = None, seed: in
     Else the model's weights, BN statistics and train/eval mode are left as they were; the global random states
     always are. `max_train` caps the training images (a seeded random
     subset) for very large data sets."""
-    from fastai.torch_core import no_random
-    from timm.utils import unwrap_model
     t0 = time.perf_counter()
     dls = learn.dls
     if len(dls.train_ds) == 0 or len(dls.valid_ds) == 0:
@@ -172,8 +169,7 @@ class BNShift:
     its input; `shift()` compares it with the stored running mean in units of the running std."""
 
     def __init__(self, model: nn.Module):
-        self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                       and m.track_running_stats and m.running_mean is not None]
+        self.layers = [m for m in bn_layers(model).values() if m.track_running_stats and m.running_mean is not None]
 
         self.sums: dict[int, torch.Tensor] = {}
         self.counts: dict[int, int] = {}

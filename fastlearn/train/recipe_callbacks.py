@@ -4,6 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastai.callback.core import Callback
+from fastai.callback.mixup import CutMix, MixUp
+from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback
+from fastai.callback.training import GradientAccumulation, GradientClip
 
 from ..fit.ema import EMA
 from ..fit.health import HealthMonitor
@@ -20,8 +23,6 @@ def recipe_callbacks(learn, r, run_dir: Path, total_steps: int | None = None) ->
 
     `total_steps`: training batches of the whole run (all stages), so progressive resizing follows the
     run rather than each stage; None works it out from the stage plan unless the strategy is 'auto'."""
-    from fastai.callback.mixup import CutMix, MixUp
-    from fastai.callback.training import GradientAccumulation, GradientClip
     cbs: list[Callback] = []
     if r.mixup:
         cbs.append(MixUp(r.mixup))
@@ -44,7 +45,6 @@ def recipe_callbacks(learn, r, run_dir: Path, total_steps: int | None = None) ->
     if r.ema:
         cbs.append(EMA(r.ema_decay))
     if r.early_stop:
-        from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback
         # best over the whole run, not per stage (reset_on_fit=False): each stage gets `early_stop` epochs to
         # beat it, and after each stage the best weights so far are loaded back. fastai saves to and mkdirs
         # learn.path/model_dir, so model_dir points at the run folder: run_dir/best.pth, no stray ./models.

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from fastai.torch_core import no_random
 
+from ..core.models import unwrap_model
 from ..core.targets import class_counts, is_multi_label, multi_label_probe
 from ..fit.precision import learner_device
 from .features import BNShift as _BNShift, pooled_features, subset_loader
@@ -140,13 +142,11 @@ def measure_dataset(learn, max_images: int = 400, seed: int = 0, bs: int = 64) -
     weights, BN running statistics and train/eval mode, and the global random states (so the training
     that follows is the same with or without the measurement) are left as they were.
     """
-    from fastai.torch_core import no_random
     with no_random(seed):  # fastai: seeds, then restores python/numpy/torch RNG states (DataLoader.new draws)
         return _measure(learn, max_images, seed, bs)
 
 
 def _measure(learn, max_images: int, seed: int, bs: int) -> DatasetStats:
-    from timm.utils import unwrap_model
     t0 = time.perf_counter()
     dls = learn.dls
     if len(dls.train_ds) == 0 or len(dls.valid_ds) == 0:
@@ -181,6 +181,7 @@ def _measure(learn, max_images: int, seed: int, bs: int) -> DatasetStats:
 def probe_accuracy(xtr: np.ndarray, ytr: np.ndarray, xva: np.ndarray, yva: np.ndarray, C: float = 1.0) -> float:
     """Valid accuracy of an L2-regularised logistic regression on standardised features (sklearn).
     Multi-label (2-D 0/1 targets): the mean balanced accuracy of one probe per label (one-vs-rest)."""
+    # scikit-learn (and its scipy) only for this probe, which `auto` alone runs: not loaded by every run
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
