@@ -178,3 +178,16 @@ def test_malicious_pickle_weights_do_not_run(tmp_path):
 
 def test_models_module_exports_only_what_it_defines():
     assert all(hasattr(models, name) for name in models.__all__)
+
+
+def test_an_ensemble_outputs_the_logits_of_its_members_mean_probabilities():
+    from fastlearn.core.models import Ensemble, model_n_out
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    x = torch.randn(5, 4)
+    ens = Ensemble([a, b])
+    mean = (a(x).softmax(-1) + b(x).softmax(-1)) / 2
+    assert torch.allclose(ens(x).softmax(-1), mean, atol=1e-6) and torch.allclose(ens(x).exp().sum(-1), torch.ones(5))
+    multi = Ensemble([a, b], multi_label=True)
+    assert torch.allclose(multi(x).sigmoid(), (a(x).sigmoid() + b(x).sigmoid()) / 2, atol=1e-5)
+    assert model_n_out(Ensemble([create_model("test_resnet", 7, pretrained=False)] * 2)) == 7

@@ -153,3 +153,9 @@ def test_regulariser_switches_run(switches, image_folder, tmp_path):
     learn, r = learner_from_recipe(image_folder, "transfer", o, progress=False)
     res = run_recipe(learn, r, run_dir=tmp_path / "run")
     assert np.isfinite(res.valid_loss) and 0 <= res.accuracy <= 1
+
+
+def test_the_soup_and_the_ensemble_are_one_choice():
+    assert load_recipe("transfer", {"ensemble": True}).ensemble and load_recipe("transfer", {"soup": 0.5}).soup == 0.5
+    with pytest.raises(RecipeError, match="'soup' = 0.5 and 'ensemble' = true both combine the probe.*choose one"):
+        load_recipe("transfer", {"soup": 0.5, "ensemble": True})

@@ -169,6 +169,50 @@ def test_the_soup_mixes_the_head_stage_and_the_fine_tuned_weights(image_folder, 
     assert not all(torch.equal(final[k], tuned[k]) for k in final)  # not the fine-tuned weights themselves
 
 
+def test_the_probe_and_the_fine_tuned_network_predict_together_from_the_run_folder(image_folder, tmp_path,
+                                                                                   monkeypatch):
+    import fastlearn.train.state
+    from safetensors.torch import load_file
+    from fastlearn.core.models import Ensemble, create_model
+    from fastlearn.fit.keep import better
+    from fastlearn.run.checkpoint import latest_checkpoint
+    from fastlearn.run.export import export_run
+    from fastlearn.run.predict import load_run
+    monkeypatch.setattr(fastlearn.train.state, "clearly_better", lambda a, b, n: better(a, b))  # a tie: the ensemble
+    res = _feature_run(image_folder, tmp_path / "run", ensemble=True, ft_bn="eval", stage_guard=False,
+                       keep_checkpoints=True)
+    assert res.kept["stage"] == "final" and res.kept["ensemble"] and "together" in res.kept["why"]
+    ck = tmp_path / "run/checkpoints"
+    probe = load_file(str(ck / "probe.safetensors"))
+    tuned = load_file(str(latest_checkpoint(tmp_path / "run").with_suffix(".safetensors")))
+    final = load_file(str(tmp_path / "run/model.safetensors"))
+    assert all(torch.equal(final[f"members.0.{k}"], v) for k, v in probe.items())   # the probe, as the head left it
+    assert all(torch.equal(final[f"members.1.{k}"], v) for k, v in tuned.items())   # the fine-tuned network
+    run = load_run(tmp_path / "run", device="cpu")
+    assert isinstance(run.model, Ensemble) and json.loads((tmp_path / "run/model.json").read_text())["ensemble"] == 2
+    x = torch.randn(2, 3, 32, 32)
+    nets = []
+    for sd in (probe, tuned):
+        m = create_model("tf_efficientnet_lite0", run.card["n_classes"], pretrained=False).eval()
+        m.load_state_dict(sd)
+        nets.append(m)
+    with torch.no_grad():
+        assert torch.allclose(run.model(x).softmax(-1), (nets[0](x).softmax(-1) + nets[1](x).softmax(-1)) / 2,
+                              atol=1e-5)
+    assert export_run(tmp_path / "run", "torchscript").max_abs_diff < 1e-4
+    with pytest.raises(ValueError, match="ensemble of 2 networks.*--format onnx or --format torchscript"):
+        export_run(tmp_path / "run", "timm")
+
+
+def test_an_ensemble_that_loses_on_validation_leaves_the_kept_stage_as_one_network(image_folder, tmp_path):
+    from fastlearn.core.models import Ensemble
+    # fine-tuning at LR 3 wrecks the network: neither it nor its ensemble with the probe beats the probe
+    res = _feature_run(image_folder, tmp_path / "run", ft_lr=3.0, ensemble=True, stage_guard=False)
+    assert res.kept["stage"] == "head" and not json.loads((tmp_path / "run/model.json").read_text())["ensemble"]
+    from fastlearn.run.predict import load_run
+    assert not isinstance(load_run(tmp_path / "run", device="cpu").model, Ensemble)
+
+
 def _first_steps(run_dir, n_head: int = 5) -> tuple[float, float]:
     "(the head's mean loss over its last `n_head` steps, the first fine-tuning step's loss), from trace.csv."
     rows = list(csv.DictReader(open(run_dir / "trace.csv")))

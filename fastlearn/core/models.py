@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from torch import nn
 from ..base.errors import LabelRangeError, UnknownArchError, WeightsError
 
 
-__all__ = ["create_model", "bn_layers", "check_arch", "load_offline_weights", "offline_weights_path", "OFFLINE_WEIGHTS", "OfflineWeights",
+__all__ = ["create_model", "bn_layers", "Ensemble", "check_arch", "load_offline_weights", "offline_weights_path", "OFFLINE_WEIGHTS", "OfflineWeights",
            "model_stats", "model_input_size", "is_convolutional", "check_head", "model_n_out", "classifier_param_names",
            "unwrap_model"]
 
@@ -200,6 +201,25 @@ def model_input_size(arch: str) -> int:
     if offline_weights_path(arch) is not None:
         return OFFLINE_WEIGHTS[arch].input_size
     return int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else 224
+
+
+class Ensemble(nn.Module):
+    """Networks that predict together: the mean of their probabilities (softmax; sigmoid for multi-label), returned as
+    logits of that mean (log-probabilities; log-odds for multi-label), so that softmax, argmax, a cross-entropy loss
+    and every exporter read it as any classifier's output. Probe+FT ensembling keeps the linear probe (the pretrained
+    body and the head fitted on its features) next to the fine-tuned network: two views of the data that err apart."""
+
+    def __init__(self, members: list[nn.Module], multi_label: bool = False):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.multi_label = multi_label
+        self.num_classes = model_n_out(members[0])  # model_n_out, the model card
+
+    def forward(self, x):
+        if self.multi_label:
+            return torch.logit(torch.stack([m(x).float().sigmoid() for m in self.members]).mean(0), eps=1e-6)
+        logp = torch.stack([m(x).float().log_softmax(-1) for m in self.members])
+        return logp.logsumexp(0) - math.log(len(self.members))
 
 
 def bn_layers(model: nn.Module) -> dict[str, nn.Module]:

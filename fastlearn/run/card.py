@@ -22,7 +22,7 @@ from pathlib import Path
 from ..base.errors import RunFolderError
 from ..base.files import atomic_write
 from ..base.version import __version__
-from ..core.models import model_n_out, model_stats
+from ..core.models import Ensemble, model_n_out, model_stats
 from ..data.loader import ImageDecoder
 from .checkpoint import latest_checkpoint
 from ..core.targets import learner_multi_label
@@ -92,7 +92,8 @@ def model_card(learn, recipe=None) -> dict:
             "weights": "model.safetensors", "fastlearn_version": __version__,
             "resize": resize,  # applied to each image before ToTensor; then /255, Normalize, resize to input_size
             "decode": {"short_side": _decode_short_side(learn)},  # the loader's reduced decode (None: full size)
-            "recipe": recipe.name if recipe is not None else None}
+            "recipe": recipe.name if recipe is not None else None,
+            "ensemble": len(learn.model.members) if isinstance(learn.model, Ensemble) else None}  # networks averaged
 
 
 def _decode_short_side(learn) -> int | None:

@@ -135,6 +135,9 @@ def export_torchscript(model: torch.nn.Module, card: dict, path: str | Path) -> 
 
 def export_timm(model: torch.nn.Module, card: dict, folder: str | Path) -> Exported:
     "timm's `save_for_hf` folder (model.safetensors + config.json), reloaded offline by timm and compared."
+    if card.get("ensemble"):
+        raise ValueError(f"this run kept an ensemble of {card['ensemble']} networks (recipe key ensemble = true), which "
+                         f"one timm model cannot hold; export it with --format onnx or --format torchscript")
     import timm
     from timm.models import save_for_hf
     folder = Path(folder)

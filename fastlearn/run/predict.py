@@ -31,7 +31,7 @@ from PIL import Image
 from ..base.console import console
 from ..base.errors import CorruptImageError, DataError
 from ..base.files import atomic_write
-from ..core.models import create_model
+from ..core.models import Ensemble, create_model
 from ..core.weights import load_weights
 from ..data.folders import IMAGE_SUFFIXES, walk_files
 from ..data.loader import decode_image, reduce_short_side
@@ -285,6 +285,9 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> R
     if weights.suffix != ".safetensors":
         raise RunFolderError(f"{weights} is not a .safetensors file; fastlearn loads run weights only as safetensors")
     model = create_model(card["arch"], card["n_classes"], pretrained=False)
+    if card.get("ensemble"):  # the probe and the fine-tuned network, as the run kept them (recipe key `ensemble`)
+        model = Ensemble([model] + [create_model(card["arch"], card["n_classes"], pretrained=False)
+                                    for _ in range(card["ensemble"] - 1)], multi_label=bool(card.get("multi_label")))
     try:
         load_weights(model, weights, strict=True)
     except RuntimeError as e:  # torch's load_state_dict: missing/unexpected keys or shape mismatches

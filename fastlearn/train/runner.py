@@ -16,6 +16,7 @@ from ..base.progress import summary_table
 from ..base.ranks import broadcast_object, global_batch_size, is_main_process
 from ..core.recipes import Recipe, load_recipe
 from ..core.schedules import UnfreezeStage, scale_lr
+from ..core.targets import learner_multi_label
 from ..core.weights import save_weights
 from ..fit.bn import BNInference
 from ..fit.resize import ProgressiveResize
@@ -235,10 +236,12 @@ def _finish(learn, r: Recipe, run: RunState, plan: list, extra: list, cbs) -> Ru
             if callable(getattr(type(cb), "finish", None)):
                 cb.finish(learn)
         valid_loss, *mets = learn.validate()
-        souped = run.try_soup(learn, valid_loss, mets)  # the fine-tuned weights became a candidate; the mix is judged
-        if souped:
+        # the fine-tuned weights become a candidate; the soup (their mix with the probe's) or the ensemble is judged
+        combined = run.try_soup(learn, valid_loss, mets) or \
+            run.try_ensemble(learn, valid_loss, mets, learner_multi_label(learn, r))
+        if combined:
             valid_loss, *mets = learn.validate()
-        kept = run.kept(learn, valid_loss, mets, souped)
+        kept = run.kept(learn, valid_loss, mets, combined)
         if kept["stage"] != "final":  # keep-best put a stage end's weights back: the result is theirs
             valid_loss, *mets = learn.validate()
     run.timings["total"] = run.elapsed()

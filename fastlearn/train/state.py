@@ -3,6 +3,7 @@ and the run's clock. A checkpoint saves it and a resume reads it back through `t
 place that names the checkpoint's keys."""
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from ..base.progress import epoch_metrics, first_metric
 from ..base.ranks import is_main_process
 from ..core.recipes import Recipe
 from ..fit.guard import NonFiniteGuard
-from ..core.models import unwrap_model
+from ..core.models import Ensemble, unwrap_model
 from ..core.weights import cpu_state_dict, mix_weights, save_weights
 from ..fit.keep import Candidate, KeepBest, StopWhenWorse, clearly_better
 from ..run.checkpoint import CheckpointState, ResumeAt, resume_state
@@ -47,7 +48,9 @@ class RunState:
     worse: StopWhenWorse | None = None  # the stage guard: stops fine-tuning at an epoch worse than keep-best's best
     resumed: CheckpointState | None = None
     soup: float = 0.0                  # the recipe's soup: the fine-tuned weights' share in the WiSE-FT mix (0 = off)
-    probe_weights: dict | None = None  # the head stage's end (a CPU copy), what the soup mixes with, when soup > 0
+    ensemble: bool = False             # the recipe's ensemble: the probe and the fine-tuned network predict together
+    probe_weights: dict | None = None  # the head stage's end (a CPU copy): what the soup mixes, the ensemble's probe
+    single: object | None = None       # the fine-tuned network while `learn.model` is the ensemble under judgement
     t0: float = field(default_factory=time.perf_counter)
 
     @classmethod
@@ -55,7 +58,7 @@ class RunState:
         "A new run's state, or the state the latest checkpoint of `run_dir` saved."
         main = is_main_process()  # under DDP only rank 0 writes files; all ranks train
         ck = resume_state(run_dir, r) if resume else None
-        run = cls(run_dir, r.strategy, peak=r.lr, resumed=ck, soup=r.soup)  # ft_peak: resolved by the runner, once
+        run = cls(run_dir, r.strategy, peak=r.lr, resumed=ck, soup=r.soup, ensemble=r.ensemble)  # ft_peak: resolved by the runner, once
         if ck is None:
             run.on_features = use_feature_head(learn, r, "full" if r.strategy == "auto" else r.strategy)
         run.log = MetricsLog(run_dir / "metrics.csv", write=main)
@@ -75,7 +78,7 @@ class RunState:
             if run.keep is not None and x.get("kept"):
                 run.keep.load_state_dict(x["kept"])
             run.worse.reached = [tuple(p) for p in x.get("reached", [])]
-            if run.soup and run._probe_path().exists():
+            if (run.soup or run.ensemble) and run._probe_path().exists():
                 run.probe_weights = load_file(str(run._probe_path()))
         return run
 
@@ -100,7 +103,7 @@ class RunState:
         "A stage end's weights to keep-best."
         if name == "head" and not self.worse.reached:  # the head on features: no epoch of images recorded it
             self.worse.reached.append((round(self.elapsed(), 3), score))
-        if name == "head" and self.soup:  # where fine-tuning starts: the soup's other end (on disk for a resume)
+        if name == "head" and (self.soup or self.ensemble):  # where fine-tuning starts (on disk for a resume)
             self.probe_weights = cpu_state_dict(learn.model)
             if is_main_process():
                 save_weights(learn.model, self._probe_path())
@@ -114,13 +117,31 @@ class RunState:
         """WiSE-FT: offer the fine-tuned weights to keep-best, then load the mix (1 - soup) x the head stage's end +
         soup x them; `kept` then judges the mix as the run's final weights. False (nothing done) without a soup, or
         when no fine-tuning epoch trained after the head."""
-        if not self.soup or self.probe_weights is None or self.keep is None or \
-                not any(s["stage"] != "head" and s["epochs"] for s in self.stages):
+        if not self.soup or not self._fine_tuned() or self.keep is None:
             return False
         self.offer(learn, "fine-tuned", valid_loss, float(mets[0]) if mets else float("nan"))
         model = unwrap_model(learn.model)
         model.load_state_dict(mix_weights(self.probe_weights, model.state_dict(), self.soup))
         return True
+
+    def try_ensemble(self, learn, valid_loss: float, mets: list, multi_label: bool) -> bool:
+        """Probe+FT ensembling: offer the fine-tuned network to keep-best, then make `learn.model` the ensemble of the
+        head stage's end (the probe) and it; `kept` then judges the ensemble as the run's final model and puts the
+        fine-tuned network back when it loses. False (nothing done) without `ensemble`, or when no fine-tuning
+        epoch trained after the head."""
+        if not self.ensemble or not self._fine_tuned():
+            return False
+        if self.keep is not None:
+            self.offer(learn, "fine-tuned", valid_loss, float(mets[0]) if mets else float("nan"))
+        self.single = unwrap_model(learn.model)
+        probe = copy.deepcopy(self.single)
+        probe.load_state_dict(self.probe_weights)
+        learn.model = Ensemble([probe, self.single], multi_label=multi_label)
+        return True
+
+    def _fine_tuned(self) -> bool:
+        "The head stage's end is known and at least one fine-tuning epoch trained after it."
+        return self.probe_weights is not None and any(s["stage"] != "head" and s["epochs"] for s in self.stages)
 
     def say_resumed(self, n_stages: int) -> None:
         ck = self.resumed
@@ -174,12 +195,14 @@ class RunState:
         metrics = [k for k in vals if k not in ("train_loss", "valid_loss")]
         self.offer(learn, st.name, vals.get("valid_loss", float("nan")), vals[metrics[0]] if metrics else float("nan"))
 
-    def kept(self, learn, valid_loss: float, mets: list, souped: bool = False) -> dict:
-        """keep-best's one decision, at the end: the weights the run ended with (`souped`: the WiSE-FT mix), or the
-        best stage end's put back; with the seconds (on the run's clock) at which the kept score was first reached."""
+    def kept(self, learn, valid_loss: float, mets: list, combined: bool = False) -> dict:
+        """keep-best's one decision, at the end: the model the run ended with (`combined`: the WiSE-FT mix or the
+        probe+FT ensemble), or the best stage end's put back; with the seconds (on the run's clock) at which the kept score was first reached."""
         final = Candidate("final", float(mets[0]) if mets else float("nan"), float(valid_loss), len(self.trace.rows))
         best = self.keep.best if self.keep is not None else None
         if best is not None and not clearly_better(final, best, self.keep.n_valid) and not _same(final, best):
+            if self.single is not None:  # the ensemble lost: the fine-tuned network is the model again
+                learn.model, self.single = self.single, None
             self.keep.restore(learn.model)  # the end of the run did not clearly beat a stage end: keep that stage's
             return {"stage": best.stage, "accuracy": best.score, "valid_loss": best.valid_loss,
                     "final_accuracy": final.score, "final_valid_loss": final.valid_loss,
@@ -189,11 +212,15 @@ class RunState:
                            f"{self.keep.n_valid} images): its weights were kept"}
         why = "the end of the run was the best on validation" if self.keep is not None else \
             "keep_best = false: the weights the run ended with"
-        if souped:
+        if combined and self.ensemble:
+            why = (f"the probe and the fine-tuned network predicting together (their probabilities averaged) were the "
+                   f"best on validation ({_metric_text(final)})")
+        elif combined:
             why = (f"the soup of the head stage's and the fine-tuned weights ({1 - self.soup:g} : {self.soup:g}, "
                    f"WiSE-FT) was the best on validation ({_metric_text(final)})")
         return {"stage": "final", "accuracy": final.score, "valid_loss": final.valid_loss,
-                "seconds_to_accuracy": self.time_to(final.score), "soup": self.soup if souped else 0.0, "why": why}
+                "seconds_to_accuracy": self.time_to(final.score), "soup": self.soup if combined else 0.0,
+                "ensemble": bool(combined and self.ensemble), "why": why}
 
     def time_to(self, score: float) -> float:
         "Seconds on the run's clock at the first epoch end that reached `score` (the run's total when none did)."
