@@ -88,19 +88,29 @@ def make_view(src: Path, dest: Path, n_train: int | None, n_valid: int | None, n
 
 # -- one method, in its own process ---------------------------------------------------------------------
 
-def _test_accuracy(learn, files) -> float:
-    "Top-1 accuracy of `learn.model` on `files` (labelled by their parent folder), through the valid transforms."
+def _test_probs(learn, files, flip: bool = False):
+    """Softmax probabilities of `learn.model` on `files` (labelled by their parent folder) through the valid
+    transforms, and the labels; `flip`: of the horizontally flipped images."""
     import torch
     dl = learn.dls.test_dl(files, with_labels=True)
     model, was = learn.model, learn.model.training
     model.eval()
-    right = n = 0
+    probs, labels = [], []
     with torch.no_grad():
         for xb, yb in dl:
-            right += int((model(xb).argmax(1) == yb).sum())
-            n += len(yb)
+            probs.append(model(xb.flip(-1) if flip else xb).float().softmax(1).cpu())
+            labels.append(yb.cpu())
     model.train(was)
-    return right / max(n, 1)
+    return torch.cat(probs), torch.cat(labels)
+
+
+def _acc(probs, labels) -> float:
+    return float((probs.argmax(1) == labels).float().mean())
+
+
+def _test_accuracy(learn, files) -> float:
+    "Top-1 accuracy of `learn.model` on `files` (labelled by their parent folder), through the valid transforms."
+    return _acc(*_test_probs(learn, files))
 
 
 def run_fastlearn(view: Path, overrides: dict, size: int, seed: int, out: Path) -> dict:
@@ -115,9 +125,14 @@ def run_fastlearn(view: Path, overrides: dict, size: int, seed: int, out: Path) 
         order = 95
         def __init__(self):
             self.at: list[tuple[str, float]] = []
+            self.probs, self.labels = {}, None
         def _eval(self, name):
             t = time.perf_counter()
-            self.at.append((name, _test_accuracy(self.learn, test_files)))
+            probs, labels = _test_probs(self.learn, test_files)
+            self.at.append((name, _acc(probs, labels)))
+            self.probs[name], self.labels = probs, labels
+            if name == "probe":  # the probe with flip test-time augmentation
+                self.probs["probe+flip"] = (probs + _test_probs(self.learn, test_files, flip=True)[0]) / 2
             t_test[0] += time.perf_counter() - t
         def _stage(self):
             return next((c.stage for c in self.learn.cbs if type(c).__name__ == "MetricsLog"), "?")
@@ -132,7 +147,17 @@ def run_fastlearn(view: Path, overrides: dict, size: int, seed: int, out: Path) 
     cb = TestAtStages()
     res = run_recipe(learn, r, runs_root=out, cbs=[cb])
     wall = time.perf_counter() - t0 - t_test[0]
-    kept_test = _test_accuracy(learn, test_files)
+    kept_probs, labels = _test_probs(learn, test_files)
+    kept_test = _acc(kept_probs, labels)
+    # not methods of the run: what averaging predictions would give, scored offline on the same test images
+    kept_flip = (kept_probs + _test_probs(learn, test_files, flip=True)[0]) / 2
+    ends = [n for n, _ in cb.at if n != "probe"]
+    extra = {"kept_flip_test": _acc(kept_flip, labels)}
+    if "probe" in cb.probs:
+        extra["probe_flip_test"] = _acc(cb.probs["probe+flip"], labels)
+        if ends:  # the probe's and fine-tuning's predictions averaged (probe+FT logit ensembling, as probabilities)
+            extra["ens_test"] = _acc((cb.probs["probe"] + cb.probs[ends[-1]]) / 2, labels)
+            extra["ens_kept_test"] = _acc((cb.probs["probe"] + kept_probs) / 2, labels)
     probe_test = next((a for n, a in cb.at if n == "probe"), None)
     if probe_test is None and res.kept and res.kept.get("stage") == "head":
         probe_test = kept_test
@@ -143,7 +168,7 @@ def run_fastlearn(view: Path, overrides: dict, size: int, seed: int, out: Path) 
             "timings": res.timings, "peak_lr": res.peak_lr, "ft_peak_lr": res.ft_peak_lr,
             "stages": [{k: v for k, v in s.items() if k in ("stage", "epochs", "valid_loss", "accuracy", "train_loss",
                                                              "seconds")} for s in res.stages],
-            "run_dir": str(res.run_dir)}
+            "run_dir": str(res.run_dir), **extra}
 
 
 def run_fastai(view: Path, size: int, seed: int) -> dict:
@@ -350,6 +375,13 @@ def report(results: list[dict]) -> None:
         ratio = _mean(_mean(x["seconds"] for x in g[m]) / _mean(x["seconds"] for x in g["fastai"])
                       for g in groups.values() if m in g and "fastai" in g)
         print(f"  {m:<12} test {acc:.4f}  wall {sec:7.1f}  x fastai {ratio:.2f}  ({len(rows)} sets)")
+    extras = ("probe_test", "probe_flip_test", "test", "kept_flip_test", "ens_test", "ens_kept_test")
+    if any(k in r for r in results for k in extras[1:]):
+        print("\nprediction averaging, scored offline (mean test accuracy over datasets): probe, probe + flip TTA, kept, "
+              "kept + flip TTA, probe & FT end averaged, probe & kept averaged")
+        for m in fl:
+            rows = [g[m] for g in groups.values() if m in g]
+            print(f"  {m:<12}" + "".join(f"{_mean(_mean(x.get(k) for x in rs) for rs in rows):>8.4f}" for k in extras))
     for m in fl:
         _targets(m, groups)
     if len(fl) > 1:
