@@ -16,7 +16,7 @@ from fastai.distributed import DistributedDL
 from fastai.torch_core import to_detach
 from torch import nn
 
-from fastlearn.fit.distributed import FullValidDL, ShardedDL, _bn_modules, _put_back, distributed_ctx
+from fastlearn.fit.distributed import FullValidDL, ShardedDL, _put_back, distributed_ctx
 from fastlearn.base.ranks import broadcast_object, global_batch_size, is_main_process, rank, world_size
 from fastlearn.base.errors import FastlearnError
 
@@ -98,12 +98,12 @@ def test_full_valid_dl_is_whole_and_never_gathers(monkeypatch):
 
 def test_sync_bn_conversion_is_undone_with_shared_weights():
     from timm.layers import convert_sync_batchnorm
-    from fastlearn.core.models import create_model
+    from fastlearn.core.models import bn_layers, create_model
     model = create_model("test_resnet", 3, pretrained=False)
-    saved = _bn_modules(model)
+    saved = bn_layers(model)
     w = {n: m.weight for n, m in saved.items()}
     convert_sync_batchnorm(model)
-    converted = _bn_modules(model)
+    converted = bn_layers(model)
     assert all(isinstance(m, nn.SyncBatchNorm) for m in converted.values())
     assert all(converted[n].weight is w[n] for n in w)  # trained in place through the SyncBatchNorm
     _put_back(model, saved)
