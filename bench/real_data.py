@@ -168,7 +168,7 @@ def run_fastlearn(view: Path, overrides: dict, size: int, seed: int, out: Path) 
             "timings": res.timings, "peak_lr": res.peak_lr, "ft_peak_lr": res.ft_peak_lr,
             "stages": [{k: v for k, v in s.items() if k in ("stage", "epochs", "valid_loss", "accuracy", "train_loss",
                                                              "seconds")} for s in res.stages],
-            "run_dir": str(res.run_dir), **extra}
+            "run_dir": str(res.run_dir), "test_s": t_test[0], **extra}
 
 
 def run_fastai(view: Path, size: int, seed: int) -> dict:
@@ -408,6 +408,20 @@ def _targets(m: str, groups: dict) -> None:
             lines.append(f"{'PASS' if ok else 'MISS'} {name}/{pc}: {kept:.3f} vs fastai {fa:.3f} (+2 pt: "
                          f"{'yes' if kept >= fa + 0.02 else 'no'}), wall {s:.0f} s vs {fa_s:.0f} s "
                          f"({s / fa_s:.2f}x, <= 0.7x: {'yes' if s <= 0.7 * fa_s else 'no'})")
+        for x in rs:  # where fine-tuning could not help (the probe kept): the run's end vs probe + 1.5 FT epochs
+            ft = [st for st in x.get("stages", []) if st["stage"] != "head" and st.get("epochs")]
+            if x.get("kept") == "head" and ft and x.get("reached_s") is not None:
+                # on the run's clock, less the test passes this bench adds (the probe's and each stage end's, all
+                # inside the fine-tuning stages' seconds); older results without test_s are left out
+                test_s = x.get("test_s")
+                if test_s is None:
+                    continue
+                epoch_s = (sum(st["seconds"] for st in ft) - test_s) / sum(st["epochs"] for st in ft)
+                end = (x.get("timings") or {}).get("total", x["seconds"]) - test_s
+                limit = x["reached_s"] + 1.5 * epoch_s
+                lines.append(f"{'PASS' if end <= limit else 'MISS'} {name}/{pc}: the probe kept; the run ended at "
+                             f"{end:.0f} s, probe at {x['reached_s']:.0f} s + 1.5 fine-tuning epochs of {epoch_s:.0f} s "
+                             f"= {limit:.0f} s")
     mean_gain = _mean(gains)
     print(f"\ntargets for {m}: kept - probe on sets with probe < 0.97: mean {mean_gain * 100:+.1f} pt over "
           f"{len(gains)} sets ({'PASS' if mean_gain >= 0.01 else 'MISS'} >= +1.0)")
