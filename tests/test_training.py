@@ -169,19 +169,16 @@ def test_the_soup_mixes_the_head_stage_and_the_fine_tuned_weights(image_folder, 
     assert not all(torch.equal(final[k], tuned[k]) for k in final)  # not the fine-tuned weights themselves
 
 
-def test_the_probe_and_the_fine_tuned_network_predict_together_from_the_run_folder(image_folder, tmp_path,
-                                                                                   monkeypatch):
-    import fastlearn.train.state
+def test_the_probe_and_the_fine_tuned_network_predict_together_from_the_run_folder(image_folder, tmp_path):
     from safetensors.torch import load_file
     from fastlearn.core.models import Ensemble, create_model
-    from fastlearn.fit.keep import better
     from fastlearn.run.checkpoint import latest_checkpoint
     from fastlearn.run.export import export_run
     from fastlearn.run.predict import load_run
-    monkeypatch.setattr(fastlearn.train.state, "clearly_better", lambda a, b, n: better(a, b))  # a tie: the ensemble
     res = _feature_run(image_folder, tmp_path / "run", ensemble=True, ft_bn="eval", stage_guard=False,
                        keep_checkpoints=True)
-    assert res.kept["stage"] == "final" and res.kept["ensemble"] and "together" in res.kept["why"]
+    # every candidate scores 1.0 on these 12 validation images: the ensemble, not clearly worse, is kept
+    assert res.kept["stage"] == "final" and res.kept["ensemble"] and "not clearly worse" in res.kept["why"]
     ck = tmp_path / "run/checkpoints"
     probe = load_file(str(ck / "probe.safetensors"))
     tuned = load_file(str(latest_checkpoint(tmp_path / "run").with_suffix(".safetensors")))
