@@ -183,7 +183,9 @@ def test_default_ft_lr_rule_lands_in_the_measured_good_range(path):
     from fastlearn.core.lr_finder import suggest
     from fastlearn.core.recipes import load_recipe
     d = json.loads(path.read_text())
-    r = load_recipe("transfer")
+    # these curves were measured fine-tuning with BatchNorm training (bench/lr_calibration.py), where the cap is 3e-3;
+    # the preset's BN-in-inference-mode fine-tuning caps at 3e-4 (chosen on the corpus: 1e-3 collapsed there)
+    r = load_recipe("transfer", {"ft_bn": "train", "ft_lr_max": 3e-3})
     lo, hi = _good_range(d["ft_acc"])
     head = suggest(d["lrs"], d["losses"], r.lr_suggester)
     ft = min(head * r.ft_lr_factor, r.ft_lr_max)            # what run_recipe uses for the first fine-tuning stage

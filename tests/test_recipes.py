@@ -156,6 +156,7 @@ def test_regulariser_switches_run(switches, image_folder, tmp_path):
 
 
 def test_the_soup_and_the_ensemble_are_one_choice():
-    assert load_recipe("transfer", {"ensemble": True}).ensemble and load_recipe("transfer", {"soup": 0.5}).soup == 0.5
-    with pytest.raises(RecipeError, match="'soup' = 0.5 and 'ensemble' = true both combine the probe.*choose one"):
-        load_recipe("transfer", {"soup": 0.5, "ensemble": True})
+    assert load_recipe("transfer").ensemble and load_recipe("transfer", {"soup": 0.5, "ensemble": False}).soup == 0.5
+    with pytest.raises(RecipeError, match="'soup' = 0.5 and 'ensemble' = true both combine the probe.*set "
+                                          "ensemble = false to use the soup"):
+        load_recipe("transfer", {"soup": 0.5})

@@ -158,7 +158,8 @@ def test_the_soup_mixes_the_head_stage_and_the_fine_tuned_weights(image_folder, 
     # every candidate scores 1.0 on these 12 validation images: none is *clearly* better, so the plain order (a tie
     # goes to the later candidate, the soup) lets the soup be kept and its weights checked
     monkeypatch.setattr(fastlearn.train.state, "clearly_better", lambda a, b, n: better(a, b))
-    res = _feature_run(image_folder, tmp_path / "run", soup=0.5, ft_bn="eval", stage_guard=False, keep_checkpoints=True)
+    res = _feature_run(image_folder, tmp_path / "run", soup=0.5, ensemble=False, ft_bn="eval", stage_guard=False,
+                       keep_checkpoints=True)
     ck = tmp_path / "run/checkpoints"
     probe, tuned = load_file(str(ck / "probe.safetensors")), load_file(str(latest_checkpoint(tmp_path / "run")
                                                                               .with_suffix(".safetensors")))

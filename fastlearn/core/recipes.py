@@ -80,9 +80,10 @@ class Recipe:
                                         # there and keeps the best weights (with keep_best; fit.keep.clearly_worse)
     soup: float = 0.0                   # after fine-tuning, the weights (1 - soup) x the head stage's end + soup x
                                         # the fine-tuned ones (WiSE-FT) are one more candidate for keep-best; 0 = off
-    ensemble: bool = False              # after fine-tuning, the probe (the head stage's end) and the fine-tuned network
-                                        # predicting together (their probabilities averaged: core.models.Ensemble) are
-                                        # one more candidate for keep-best; kept, they double inference cost and weights
+    ensemble: bool = False              # after fine-tuning a pretrained body, the probe (the head stage's end) and the
+                                        # fine-tuned network predicting together (probabilities averaged:
+                                        # core.models.Ensemble), kept unless clearly worse on validation than the best
+                                        # stage end; kept, they double the inference cost and the weights
     lr_ratio: float = 100.0             # head LR / first-group LR, geometric in between
     head_epochs: int = 1
     unfreeze_epochs: int = 1            # per intermediate unfreezing stage
@@ -292,7 +293,8 @@ def _validate(r: Recipe) -> None:
         raise RecipeError(f"recipe {r.name!r}: 'mixup' and 'cutmix' are both on; choose one")
     if r.soup and r.ensemble:
         raise RecipeError(f"recipe {r.name!r}: 'soup' = {r.soup} and 'ensemble' = true both combine the probe with the "
-                          f"fine-tuned network (one in its weights, one in its predictions); choose one")
+                          f"fine-tuned network (one in its weights, one in its predictions); set ensemble = false to "
+                          f"use the soup, or soup = 0")
     check_logger_names(r.loggers, origin=f"recipe {r.name!r}")
     if r.multi_label and (r.loss != "ce" or r.label_smoothing):
         what = f"'loss' = {r.loss!r}" if r.loss != "ce" else f"'label_smoothing' = {r.label_smoothing}"

@@ -58,7 +58,8 @@ class RunState:
         "A new run's state, or the state the latest checkpoint of `run_dir` saved."
         main = is_main_process()  # under DDP only rank 0 writes files; all ranks train
         ck = resume_state(run_dir, r) if resume else None
-        run = cls(run_dir, r.strategy, peak=r.lr, resumed=ck, soup=r.soup, ensemble=r.ensemble)  # ft_peak: resolved by the runner, once
+        # the ensemble's probe is a pretrained body's: a network trained from random weights has none worth keeping
+        run = cls(run_dir, r.strategy, peak=r.lr, resumed=ck, soup=r.soup, ensemble=r.ensemble and r.pretrained)  # ft_peak: resolved by the runner, once
         if ck is None:
             run.on_features = use_feature_head(learn, r, "full" if r.strategy == "auto" else r.strategy)
         run.log = MetricsLog(run_dir / "metrics.csv", write=main)
