@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import difflib
-import math
 import importlib.util
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +17,9 @@ from torch import nn
 from ..base.errors import LabelRangeError, UnknownArchError, WeightsError
 
 
-__all__ = ["create_model", "bn_layers", "Ensemble", "check_arch", "load_offline_weights", "offline_weights_path", "OFFLINE_WEIGHTS", "OfflineWeights",
-           "model_stats", "model_input_size", "is_convolutional", "check_head", "model_n_out", "classifier_param_names",
-           "unwrap_model"]
+__all__ = ["create_model", "bn_layers", "Ensemble", "check_arch", "load_offline_weights", "offline_weights_path",
+           "OFFLINE_WEIGHTS", "OfflineWeights", "model_stats", "model_input_size", "is_convolutional", "check_head",
+           "model_n_out", "classifier_param_names", "unwrap_model"]
 
 
 @dataclass(frozen=True)

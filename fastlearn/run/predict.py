@@ -284,10 +284,9 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> R
                              f"{unfinished_hint(run_dir)}")
     if weights.suffix != ".safetensors":
         raise RunFolderError(f"{weights} is not a .safetensors file; fastlearn loads run weights only as safetensors")
-    model = create_model(card["arch"], card["n_classes"], pretrained=False)
-    if card.get("ensemble"):  # the probe and the fine-tuned network, as the run kept them (recipe key `ensemble`)
-        model = Ensemble([model] + [create_model(card["arch"], card["n_classes"], pretrained=False)
-                                    for _ in range(card["ensemble"] - 1)], multi_label=bool(card.get("multi_label")))
+    nets = [create_model(card["arch"], card["n_classes"], pretrained=False) for _ in range(card.get("ensemble") or 1)]
+    # more than one: the probe and the fine-tuned network, as the run kept them (recipe key `ensemble`)
+    model = Ensemble(nets, multi_label=bool(card.get("multi_label"))) if len(nets) > 1 else nets[0]
     try:
         load_weights(model, weights, strict=True)
     except RuntimeError as e:  # torch's load_state_dict: missing/unexpected keys or shape mismatches

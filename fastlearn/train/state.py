@@ -50,7 +50,6 @@ class RunState:
     soup: float = 0.0                  # the recipe's soup: the fine-tuned weights' share in the WiSE-FT mix (0 = off)
     ensemble: bool = False             # the recipe's ensemble: the probe and the fine-tuned network predict together
     probe_weights: dict | None = None  # the head stage's end (a CPU copy): what the soup mixes, the ensemble's probe
-    single: object | None = None       # the fine-tuned network while `learn.model` is the ensemble under judgement
     t0: float = field(default_factory=time.perf_counter)
 
     @classmethod
@@ -58,8 +57,9 @@ class RunState:
         "A new run's state, or the state the latest checkpoint of `run_dir` saved."
         main = is_main_process()  # under DDP only rank 0 writes files; all ranks train
         ck = resume_state(run_dir, r) if resume else None
-        # the ensemble's probe is a pretrained body's: a network trained from random weights has none worth keeping
-        run = cls(run_dir, r.strategy, peak=r.lr, resumed=ck, soup=r.soup, ensemble=r.ensemble and r.pretrained)  # ft_peak: resolved by the runner, once
+        # ft_peak: resolved by the runner, once; the ensemble's probe is a pretrained body's (a network trained from
+        # random weights has none worth keeping)
+        run = cls(run_dir, r.strategy, peak=r.lr, resumed=ck, soup=r.soup, ensemble=r.ensemble and r.pretrained)
         if ck is None:
             run.on_features = use_feature_head(learn, r, "full" if r.strategy == "auto" else r.strategy)
         run.log = MetricsLog(run_dir / "metrics.csv", write=main)
@@ -134,10 +134,10 @@ class RunState:
             return False
         if self.keep is not None:
             self.offer(learn, "fine-tuned", valid_loss, float(mets[0]) if mets else float("nan"))
-        self.single = unwrap_model(learn.model)
-        probe = copy.deepcopy(self.single)
+        tuned = unwrap_model(learn.model)
+        probe = copy.deepcopy(tuned)
         probe.load_state_dict(self.probe_weights)
-        learn.model = Ensemble([probe, self.single], multi_label=multi_label)
+        learn.model = Ensemble([probe, tuned], multi_label=multi_label)
         return True
 
     def _fine_tuned(self) -> bool:
@@ -198,13 +198,14 @@ class RunState:
 
     def kept(self, learn, valid_loss: float, mets: list, combined: bool = False) -> dict:
         """keep-best's one decision, at the end: the model the run ended with (`combined`: the WiSE-FT mix or the
-        probe+FT ensemble), or the best stage end's put back; with the seconds (on the run's clock) at which the kept score was first reached."""
+        probe+FT ensemble), or the best stage end's put back; with the seconds (on the run's clock) at which the kept
+        score was first reached."""
         final = Candidate("final", float(mets[0]) if mets else float("nan"), float(valid_loss), len(self.trace.rows))
         best = self.keep.best if self.keep is not None else None
-        ensemble = combined and self.ensemble
+        ensemble = isinstance(learn.model, Ensemble)  # try_ensemble made it the model under judgement
         if best is not None and not _same(final, best) and not _replaces(final, best, self.keep.n_valid, ensemble):
-            if self.single is not None:  # the ensemble lost: the fine-tuned network is the model again
-                learn.model, self.single = self.single, None
+            if ensemble:  # it lost: the fine-tuned network, its last member, is the model again
+                learn.model = learn.model.members[-1]
             self.keep.restore(learn.model)  # the end of the run did not clearly beat a stage end: keep that stage's
             return {"stage": best.stage, "accuracy": best.score, "valid_loss": best.valid_loss,
                     "final_accuracy": final.score, "final_valid_loss": final.valid_loss,
