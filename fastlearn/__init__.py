@@ -8,10 +8,8 @@ import importlib
 
 from .base.version import __version__  # noqa: F401  (defined in base/version.py, which setup.cfg reads)
 
-# Where each public name lives. The package face imports nothing heavy itself: a name is imported from its
-# module on first use (PEP 562 `__getattr__`), so the commands that only print (`fastlearn --help`,
-# `--version`, `recipes`) answer without loading torch and fastai (seconds of start-up), while
-# `from fastlearn import *` and `fastlearn.image_dls` work as if everything were imported here.
+# Where each public name lives. Names are imported from their module on first use (PEP 562 `__getattr__`), so the
+# commands that only print (`--help`, `--version`, `recipes`) answer without loading torch and fastai.
 _WHERE = {
     "data.dls": ("image_dls",),
     "data.folders": ("check_image_folder",),
@@ -42,34 +40,7 @@ _WHERE = {
 }
 _MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
 
-__all__ = [
-    # data
-    "image_dls", "check_image_folder", "sample",
-    # models and layer groups
-    "create_model", "model_stats", "layer_groups", "n_groups",
-    # training
-    "transfer_learner", "TransferLearner", "lr_find", "LRFindResult", "run_recipe", "learner_from_recipe",
-    "RunResult",
-    # callbacks and techniques
-    "ProgressiveResize", "EMA", "HealthMonitor", "choose_strategy", "distributed_ctx", "is_main_process",
-    # diagnostics and tuning
-    "sanity_check", "diagnose", "search",
-    # weights
-    "save_weights", "load_weights",
-    # using a finished run: load, predict, export, interpret
-    "load_run", "Run", "Prediction", "export_run", "interpret",
-    # schedules
-    "one_cycle_lr", "one_cycle_mom", "layer_lrs", "unfreeze_plan",
-    # recipes
-    "Recipe", "load_recipe", "list_recipes",
-    # errors
-    "FastlearnError", "DataError", "EmptyClassError", "SingleClassError", "CorruptImageError", "LabelRangeError",
-    "UnknownArchError", "WeightsError", "RecipeError", "CheckpointError", "NonFiniteError", "RecipeMismatchError",
-    "MissingExtraError", "RunLockedError", "DataChangedError", "TrainingInterrupted",
-    "RunFolderError", "ExportError",
-]
-
-assert sorted(__all__) == sorted(_MODULE_OF), "every public name has one home in _WHERE"
+__all__ = list(_MODULE_OF)
 
 
 def __getattr__(name: str):

@@ -1,8 +1,7 @@
-"""The `fastlearn` command line: `recipes`, `train`, `lr-find`, `doctor`, `search`, `predict`, `export` (and
-`--version`).
+"""The `fastlearn` command line: `recipes`, `train`, `lr-find`, `doctor`, `search`, `predict`, `export`, `--version`.
 
-Bad input exits with status 2 and one line `fastlearn: error: ...` before any training starts, and before
-any folder is created. Every command a message suggests is one this parser accepts (tests/test_cli.py).
+Bad input exits with status 2 and one line `fastlearn: error: ...` before any training starts or folder is created.
+Every command a message suggests is one this parser accepts (tests/test_cli.py).
 """
 from __future__ import annotations
 
@@ -61,22 +60,17 @@ def _parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("lr-find", help="LR range test: print the peak and start LR, save the plot",
                        description="Run the LR range test on the head of ARCH over --data and save lr_find.png.")
-    f.add_argument("--data", required=True, help="image folder, CSV of file names and labels, or 'digits'")
-    f.add_argument("--multi-label", action="store_true", help="CSV labels are space-separated (sigmoid/BCE)")
-    f.add_argument("--arch", default="tf_efficientnet_lite0", help="timm architecture name")
-    f.add_argument("--size", type=int, default=None, help="image size in px (default: the arch's)")
-    f.add_argument("--bs", type=int, default=32, help="batch size")
+    d = sub.add_parser("doctor", help="sanity checks: initial loss, overfit a few batches, data checks",
+                       description="Run the sanity checks on --data with --arch and print pass/fail with numbers.")
+    for q, size, size_help in ((f, None, "image size in px (default: the arch's)"), (d, 64, "image size in px")):
+        q.add_argument("--data", required=True, help="image folder, CSV of file names and labels, or 'digits'")
+        q.add_argument("--multi-label", action="store_true", help="CSV labels are space-separated (sigmoid/BCE)")
+        q.add_argument("--arch", default="tf_efficientnet_lite0", help="timm architecture name")
+        q.add_argument("--size", type=int, default=size, help=size_help)
+        q.add_argument("--bs", type=int, default=32, help="batch size")
     f.add_argument("--num-it", type=int, default=100, help="sweep steps")
     f.add_argument("--plot", default="lr_find.png", help="where to save the plot")
     f.add_argument("--no-pretrained", action="store_true", help="random init instead of pretrained weights")
-
-    d = sub.add_parser("doctor", help="sanity checks: initial loss, overfit a few batches, data checks",
-                       description="Run the sanity checks on --data with --arch and print pass/fail with numbers.")
-    d.add_argument("--data", required=True, help="image folder, CSV of file names and labels, or 'digits'")
-    d.add_argument("--multi-label", action="store_true", help="CSV labels are space-separated (sigmoid/BCE)")
-    d.add_argument("--arch", default="tf_efficientnet_lite0", help="timm architecture name")
-    d.add_argument("--size", type=int, default=64, help="image size in px")
-    d.add_argument("--bs", type=int, default=32, help="batch size")
     d.add_argument("--recipe", default="transfer", help="recipe whose data/model settings to check")
     d.add_argument("--no-pretrained", action="store_true", help="random init instead of pretrained weights")
     d.add_argument("--run", default=None, help="a finished run folder: also diagnose its learning curves")
@@ -93,12 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/search", help="output folder")
     s.add_argument("--seed", type=int, default=0, help="sampler seed")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="recipe keys to override")
-    _use_parsers(sub)
-    return p
 
-
-def _use_parsers(sub) -> None:
-    "`predict` and `export`: use a finished run folder without its training data."
+    # `predict` and `export` use a finished run folder without its training data
     pr = sub.add_parser("predict", help="top-k classes of images with a finished run's model",
                         description="Predict IMAGES (files, folders searched recursively, glob patterns) with the "
                                     "model in RUN_DIR; preprocessing is the run's validation pipeline.")
@@ -118,12 +108,7 @@ def _use_parsers(sub) -> None:
     ex.add_argument("--format", required=True, choices=("onnx", "torchscript", "timm"),
                     help="onnx (needs fastlearn[onnx]), torchscript, timm")
     ex.add_argument("--out", default=None, help="output file (folder for timm); default RUN_DIR/export/...")
-
-
-def _recipes(name: str | None) -> int:
-    width = console_width() or shutil.get_terminal_size().columns
-    print(recipe_text(name, width) if name else recipe_list(width), end="", flush=True)
-    return 0
+    return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -143,9 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.cmd == "recipes":
-            return _recipes(args.name)
-        # the one deferred import: the other commands load torch and fastai (seconds), which `--help`, `--version`
-        # and `recipes` must not wait for
+            width = console_width() or shutil.get_terminal_size().columns
+            print(recipe_text(args.name, width) if args.name else recipe_list(width), end="", flush=True)
+            return 0
+        # deferred: the other commands load torch and fastai (seconds), which `--help` and `recipes` must not wait for
         from .app import commands
         return commands.run_command(args)
     except (FastlearnError, ValueError, FileNotFoundError, FileExistsError) as e:

@@ -40,8 +40,7 @@ def train(a) -> int:
             raise ValueError("launched with several processes (WORLD_SIZE > 1) but without --distributed: "
                              "add --distributed, or each process would train alone")
         learn, r = learner_from_recipe(a.data, a.recipe, a.overrides)
-        res = run_recipe(learn, r, **run_args)
-        report(res)
+        report(run_recipe(learn, r, **run_args))
         return 0
     from fastai.distributed import teardown_distrib
     if "WORLD_SIZE" not in os.environ:

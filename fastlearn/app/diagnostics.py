@@ -1,13 +1,10 @@
 """Before training: sanity checks that catch a broken setup in seconds; after training: a learning-curve doctor.
 
-`sanity_check(learn)` runs Karpathy's "recipe for training neural networks" checks on a fastai Learner
-(trainable parameters, input normalisation, class balance, train/valid duplicates, the loss at
-initialisation, overfitting a few batches, and whether what was learnt transfers to the validation set)
-and leaves the learner exactly as it found it. `diagnose(epoch_rows)` reads per-epoch train/valid
-losses (the rows of `training.MetricsLog`) and names the problem and the next change to try.
-
-Each check is a pure verdict function over numbers (`*_verdict`), tested on its own; the functions
-that measure a Learner only gather the numbers.
+`sanity_check(learn)` runs Karpathy's "recipe for training neural networks" checks on a fastai Learner (trainable
+parameters, input normalisation, class balance, train/valid duplicates, the loss at initialisation, overfitting a
+few batches, whether what was learnt transfers to the validation set). `diagnose(epoch_rows)` reads per-epoch
+train/valid losses (metrics.csv rows) and names the problem and the next change to try. Each check is a pure
+verdict function over numbers (`*_verdict`); the functions that measure a Learner only gather the numbers.
 """
 from __future__ import annotations
 
@@ -138,8 +135,7 @@ def initial_loss_verdict(loss: float, n_classes: int, tol: float = 0.25, multi_l
     return CheckResult("initial_loss", False, nums, hint)
 
 
-def overfit_verdict(first_loss: float, last_loss: float, accuracy: float, min_accuracy: float = 0.95
-                    ) -> CheckResult:
+def overfit_verdict(first_loss: float, last_loss: float, accuracy: float, min_accuracy: float = 0.95) -> CheckResult:
     "A model that cannot memorise a handful of batches has a bug (loss, labels, frozen layers, LR)."
     nums = {"loss_start": first_loss, "loss_end": last_loss, "train_accuracy": accuracy}
     if accuracy >= min_accuracy and last_loss < first_loss:
@@ -199,10 +195,6 @@ def check_duplicates(dls) -> CheckResult:
     return duplicates_verdict(len(dups), len(valid[0]), dups[:3])
 
 
-def check_balance(dls, max_ratio: float = 3.0) -> CheckResult:
-    return balance_verdict(class_counts(dls), max_ratio)  # multi-label: images holding each label
-
-
 def check_normalisation(batches) -> CheckResult:
     x = torch.cat([xb.float() for xb, _ in batches])
     dims = [d for d in range(x.ndim) if d != 1] if x.ndim == 4 else list(range(x.ndim))
@@ -212,22 +204,14 @@ def check_normalisation(batches) -> CheckResult:
     return normalisation_verdict(mean, std, float(x.abs().max()))
 
 
-def _classifier(model: nn.Module) -> nn.Module | None:
-    m = unwrap_model(model)
-    get = getattr(m, "get_classifier", None)
+def _reset_head(model: nn.Module) -> None:
+    "Re-initialise the classifier (timm's get_classifier), if any, the way torch initialises a new layer."
+    get = getattr(unwrap_model(model), "get_classifier", None)
     head = get() if callable(get) else None
-    return head if isinstance(head, nn.Module) else None
-
-
-def _reset_head(model: nn.Module) -> bool:
-    "Re-initialise the classifier the way torch initialises a new layer (timm's get_classifier)."
-    head = _classifier(model)
-    if head is None:
-        return False
-    for m in head.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-    return True
+    if isinstance(head, nn.Module):
+        for m in head.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
 
 
 def _loss(out: torch.Tensor, y: torch.Tensor, multi: bool, reduction: str = "mean") -> torch.Tensor:
@@ -268,14 +252,13 @@ def _restore_grads(model: nn.Module):
 def sanity_check(learn, n_batches: int = 8, overfit_batches: int = 5, overfit_steps: int = 40,
                  overfit_lr: float = 1e-3, loss_tol: float = 0.25, max_imbalance: float = 3.0,
                  duplicates: bool = True) -> list[CheckResult]:
-    """Run every sanity check on `learn` and restore it exactly (weights, optimizer, RNGs, data order).
+    """Run every sanity check on `learn`, then restore it exactly (weights, freezing, optimizer, RNGs, data order).
 
-    The initial-loss check re-initialises the head and measures plain cross-entropy (no label smoothing;
-    binary cross-entropy for multi-label data) in eval mode (no dropout; BatchNorm does not hide
-    unnormalised inputs). The overfit check then trains every parameter (frozen ones too) on
-    `overfit_batches` fixed training batches with its own Adam for `overfit_steps` steps; the
-    learnable-labels check evaluates that model on validation batches. All of it runs inside `learner_snapshot`, so the learner's weights, freezing and optimizer come back as found.
-    """
+    The initial-loss check re-initialises the head and measures plain cross-entropy (no label smoothing; binary
+    cross-entropy for multi-label data) in eval mode (no dropout; BatchNorm does not hide unnormalised inputs).
+    The overfit check then trains every parameter (frozen ones too) on `overfit_batches` fixed training batches
+    with its own Adam for `overfit_steps` steps; the learnable-labels check evaluates that model on validation
+    batches."""
     model, dls = learn.model, learn.dls
     multi = is_multi_label(dls)
     thresh = label_info(dls)["threshold"] or 0.5
@@ -289,7 +272,7 @@ def sanity_check(learn, n_batches: int = 8, overfit_batches: int = 5, overfit_st
         if not train:
             raise ValueError("the training DataLoader yields no batch: lower bs below the number of training items")
         results.append(check_normalisation(train[:n_batches]))
-        results.append(check_balance(dls, max_imbalance))
+        results.append(balance_verdict(class_counts(dls), max_imbalance))  # multi-label: images holding each label
         if duplicates:
             results.append(check_duplicates(dls))
         if n_classes < 2:
@@ -331,9 +314,7 @@ def sanity_check(learn, n_batches: int = 8, overfit_batches: int = 5, overfit_st
 
 # -- learning-curve doctor -------------------------------------------------------------------------
 
-# The order in which to change things (one at a time): regularisation, then the LR, then the schedule,
-# then augmentation, then training length.
-NEXT_STEPS = ("weight decay", "learning rate", "schedule", "augmentation", "epochs")
+NEXT_STEPS = ("weight decay", "learning rate", "schedule", "augmentation", "epochs")  # what to change, one at a time
 
 
 @dataclass

@@ -1,13 +1,10 @@
 """Random search over a recipe's LR, weight decay, batch size and dropout, with early pruning, in two rounds.
 
-Bergstra & Bengio 2012: random search beats a grid when few hyper-parameters matter. Each trial runs
-the recipe (`training.run_recipe`, LR given, so no lr_find) and reports validation accuracy after every
-epoch to optuna, whose successive-halving pruner stops trials that trail at the same epoch. Round 1
-samples the wide `SearchSpace`; round 2 samples a space narrowed around round 1's best trials. The
-trials go to a table and `search.csv`; the best configuration is saved as a fully resolved recipe
-(`best_recipe.toml`, no `extends`) that `load_recipe(path)` reads back unchanged.
-
-optuna provides the sampler and the pruner; the two-round narrowing and the recipe plumbing are ours.
+Bergstra & Bengio 2012: random search beats a grid when few hyper-parameters matter. Each trial runs the recipe
+(`run_recipe`, LR given, so no lr_find) and reports validation accuracy after every epoch to optuna, whose
+successive-halving pruner stops trials that trail at the same epoch. Round 1 samples the wide `SearchSpace`,
+round 2 a space narrowed around round 1's best trials. The trials go to a table and `search.csv`; the best
+configuration is saved as a fully resolved recipe (`best_recipe.toml`) that `load_recipe(path)` reads back unchanged.
 """
 from __future__ import annotations
 
@@ -160,13 +157,6 @@ def _run_rounds(study, data, base: Recipe, space: SearchSpace, n_trials: int, ro
             rows.append(_row(trial.number, rnd, state, params, values, time.perf_counter() - ts))
 
 
-def _check_data(data, base: Recipe) -> None:
-    "The architecture and the data folder checked as each trial would check them, before out_dir is created."
-    check_arch(base.arch)
-    if not is_sample_name(str(data)) or Path(data).exists():  # a sample name means the bundled sample
-        check_image_folder(data, bad_images=base.bad_images)
-
-
 def search(data, recipe="digits", n_trials: int = 8, rounds: int = 2, top_k: int = 3,
            space: SearchSpace | None = None, overrides: dict | list[str] | None = None, prune: bool = True,
            out_dir: str | Path | None = "runs/search", seed: int = 0, metric: str = "accuracy",
@@ -176,8 +166,10 @@ def search(data, recipe="digits", n_trials: int = 8, rounds: int = 2, top_k: int
     finished trials so far. `overrides` (e.g. a shorter `epochs`) apply to every trial. With `out_dir`,
     trials run in `out_dir/trials/` and `search.csv` and `best_recipe.toml` are written there (None: a
     temporary folder, nothing kept)."""
-    base = load_recipe(recipe, overrides)            # validate everything before any compute or folder
-    _check_data(data, base)
+    base = load_recipe(recipe, overrides)  # everything checked as each trial would, before any compute or folder
+    check_arch(base.arch)
+    if not is_sample_name(str(data)) or Path(data).exists():  # a sample name means the bundled sample
+        check_image_folder(data, bad_images=base.bad_images)
     optuna = require("optuna", "search")
     space = space or SearchSpace()
     out = Path(out_dir) if out_dir is not None else None
@@ -187,8 +179,7 @@ def search(data, recipe="digits", n_trials: int = 8, rounds: int = 2, top_k: int
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3) if prune \
         else optuna.pruners.NopPruner()
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=seed),
-                                pruner=pruner)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=seed), pruner=pruner)
     rows, t0 = [], time.perf_counter()
     try:
         _run_rounds(study, data, base, space, n_trials, rounds, top_k, metric, quiet, trials_dir, rows)

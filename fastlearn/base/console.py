@@ -1,10 +1,6 @@
-"""What the user reads: `say` prints a run's lines (the plan, stage lines, warnings, the result) on the main
-process only; plus the terminal test, the width to print in, and the shared rich console.
-
-Kept free of torch and fastai so that the commands that only print (`fastlearn --help`, `--version`,
-`recipes`) start in well under a second: the main process is read from torchrun's `RANK` (what
-`base.ranks.rank` reads before the process group is up, and what it reports after).
-"""
+"""What the user reads: `say` prints a run's lines on the main process only (torchrun's `RANK`, what `base.ranks.rank`
+reads before the process group is up); the terminal test, the width to print in and the shared rich console.
+Free of torch and fastai, so that the commands that only print (`--help`, `--version`, `recipes`) start fast."""
 from __future__ import annotations
 
 import os
@@ -40,6 +36,6 @@ def console_width() -> int | None:
 
 def console():
     "The shared rich console, `console_width()` wide (plain text, no colour codes, when output is not a terminal)."
-    from rich.console import Console  # rich costs ~0.1 s to import; only the commands that draw need it
+    from rich.console import Console  # only the commands that draw need rich
     return Console(highlight=False, soft_wrap=True, width=console_width()) if is_terminal() else \
         Console(highlight=False, soft_wrap=True, force_terminal=False, color_system=None, width=console_width())

@@ -2,9 +2,6 @@
 
     optuna = require("optuna", "search")
     # MissingExtraError: search needs optuna: pip install 'fastlearn[search]'
-
-The extras are declared in setup.cfg ([options.extras_require]); `EXTRAS` below mirrors them for the
-messages (tests/test_optional.py checks the two agree).
 """
 from __future__ import annotations
 
@@ -16,7 +13,7 @@ from .errors import MissingExtraError
 
 __all__ = ["require", "EXTRAS"]
 
-# extra -> the distributions it installs (as pip names them); keep in step with setup.cfg
+# extra -> the distributions it installs (pip names): setup.cfg's [options.extras_require] (tests/test_optional.py)
 EXTRAS: dict[str, tuple[str, ...]] = {
     "search": ("optuna",),
     "tensorboard": ("tensorboard",),

@@ -34,8 +34,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(tmp)
     try:
         write(tmp)
-        # mkstemp creates 0600 (and safetensors >= 0.8 renames its own 0600 temp over ours): give the file the
-        # mode open() would, so a colleague in the group can read the run folder and its exports (issue 22)
+        # mkstemp creates 0600 (so does safetensors >= 0.8, renaming its temp over ours): give the mode open() would
         os.chmod(tmp, file_mode())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

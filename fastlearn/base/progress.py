@@ -56,8 +56,7 @@ class EpochProgress(Callback):
     def _stage_clock(self) -> tuple[int, int]:
         "Epochs of the stage before this fit (a resumed stage goes on from its checkpoint) and the stage's total."
         r = getattr(self.learn, "resume_at", None)  # fastlearn.checkpoint.ResumeAt, during a resumed stage
-        off = r.epoch_offset if r is not None else 0
-        return off, (r.stage_epochs if r is not None else self.n_epoch)
+        return (0, self.n_epoch) if r is None else (r.epoch_offset, r.stage_epochs)
 
     def before_epoch(self):
         self.t_epoch = time.perf_counter()
@@ -93,8 +92,7 @@ class EpochProgress(Callback):
         timing = f" time {now - self.t_epoch:.1f}s"  # this epoch's (training and validation)
         if self.epoch > 0:  # and the stage's so far, labelled (since the resume, for a resumed stage)
             timing += f" ({'stage since resume' if off else 'stage'} {now - self.t_fit:.1f}s)"
-        line = f"{stage}epoch {self.epoch + 1 + off}/{total} " + " ".join(parts) + timing
-        say(line, self.stream)
+        say(f"{stage}epoch {self.epoch + 1 + off}/{total} " + " ".join(parts) + timing, self.stream)
 
     def after_fit(self):
         self._in_fit = False
@@ -103,14 +101,9 @@ class EpochProgress(Callback):
             self._progress = None
 
 
-# short headers for the run summary's long keys, so that its table fits 80 columns (a CI log, `| tee`)
-_HEADERS = {"trainable_groups": "groups", "peak_lr": "peak LR", "train_loss": "train loss",
-            "valid_loss": "valid loss"}
-
-
-def _header(key: str) -> str:
-    "A column's header: short for the known long keys; underscores as spaces, so a narrow table wraps between words."
-    return _HEADERS.get(key, key.replace("_", " "))
+# short headers for the run summary's long keys, so that its table fits 80 columns (a CI log, `| tee`); other keys
+# get underscores as spaces, so that a narrow table wraps between words
+_HEADERS = {"trainable_groups": "groups", "peak_lr": "peak LR", "train_loss": "train loss", "valid_loss": "valid loss"}
 
 
 def _cell(key: str, v) -> str:
@@ -136,7 +129,7 @@ def summary_table(rows: Sequence[dict], title: str = "fastlearn run", caption: s
     from rich.table import Table
     t = Table(title=title, caption=caption, caption_justify="left")
     keys = list(rows[0]) if rows else []
-    headers = [_header(k) for k in keys]
+    headers = [_HEADERS.get(k, k.replace("_", " ")) for k in keys]
     cells = [[_cell(k, r[k]) for k in keys] for r in rows]
     con = console()
     widths = _fitted_widths(headers, cells, con.width)
@@ -153,6 +146,7 @@ def summary_table(rows: Sequence[dict], title: str = "fastlearn run", caption: s
     text = cap.get()
     print(text, end="", flush=True)
     return text
+
 
 def first_metric(learn) -> tuple[float, float]:
     "(valid_loss, first metric) of the last epoch fastai recorded; the metric is nan when there is none."

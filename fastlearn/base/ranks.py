@@ -50,9 +50,7 @@ def global_batch_size(bs: int, grad_accum: int = 1) -> int:
 
 def group_device() -> torch.device:
     "Where tensors for a collective must live: the current CUDA device for nccl, the CPU otherwise (gloo)."
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def _require_group(what: str) -> bool:

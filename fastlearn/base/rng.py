@@ -11,8 +11,8 @@ __all__ = ["rng_state", "set_rng_state"]
 
 
 def rng_state(dls=None) -> dict:
-    """Every RNG a CPU/CUDA fastai run draws from, as plain data (numpy's key array as a tensor,
-    since `weights_only` loads refuse numpy arrays). `dls`: also the train/valid DataLoaders' `rng`."""
+    """The RNG states as plain data (numpy's key array as a tensor: `weights_only` loads refuse numpy arrays).
+    `dls`: also the train/valid DataLoaders' `rng`."""
     np_state = np.random.get_state(legacy=False)
     st = {"python": random.getstate(),
           "numpy": {"bit_generator": np_state["bit_generator"],

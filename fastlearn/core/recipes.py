@@ -11,6 +11,7 @@ import difflib
 import json
 import os
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, fields
 from importlib.resources import files
@@ -155,12 +156,7 @@ class Recipe:
 
     def to_toml(self) -> str:
         "The resolved recipe as TOML (written into each run folder)."
-        lines = []
-        for k, v in self.to_dict().items():
-            if v is None:
-                lines.append(f"# {k} = (unset)")
-            else:
-                lines.append(f"{k} = {toml_value(v)}")
+        lines = [f"# {k} = (unset)" if v is None else f"{k} = {toml_value(v)}" for k, v in self.to_dict().items()]
         return "\n".join(lines) + "\n"
 
     def save(self, path: str | Path) -> Path:
@@ -172,9 +168,10 @@ class Recipe:
 # -- validation -------------------------------------------------------------------------------
 
 _RANGES: dict[str, tuple[float | None, float | None, str]] = {
-    # key: (low, high, kind) kind: "open" (low < v < high), "closed" (low <= v <= high), "low" (v > low), "ge"
+    # key: (low, high, kind in _KINDS)
     "size": (16, None, "ge"), "valid_size": (16, None, "ge"), "bs": (1, None, "ge"), "min_steps": (1, None, "ge"),
-    "head_steps": (1, None, "ge"), "adapt_bn_shift": (0, None, "ge"), "ft_lr": (0, None, "low"), "ft_lr_factor": (0, None, "low"), "ft_lr_max": (0, None, "low"),
+    "head_steps": (1, None, "ge"), "adapt_bn_shift": (0, None, "ge"), "ft_lr": (0, None, "low"),
+    "ft_lr_factor": (0, None, "low"), "ft_lr_max": (0, None, "low"),
     "valid_pct": (0, 1, "open"), "random_erasing": (0, 1, "closed"),
     "lr": (0, None, "low"), "lr_ratio": (1, None, "ge"), "head_epochs": (0, None, "ge"),
     "unfreeze_epochs": (0, None, "ge"), "epochs": (0, None, "ge"), "unfreeze_step": (1, None, "ge"),
@@ -185,20 +182,19 @@ _RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "ema_decay": (0, 1, "open"), "early_stop": (1, None, "ge"), "lr_ref_bs": (1, None, "ge"),
     "resize_start": (16, None, "ge"), "resize_multiple": (1, None, "ge"),
     "checkpoint_every": (0, None, "ge"), "keep_last": (1, None, "ge"), "focal_gamma": (0, None, "ge"),
-    "swa_epochs": (0, None, "ge"), "soup": (0, 1, "right_open"), "swa_lr": (0, None, "low"), "health_every": (0, None, "ge"),
-    "num_workers": (0, None, "ge"), "threshold": (0, 1, "open"),
+    "swa_epochs": (0, None, "ge"), "soup": (0, 1, "right_open"), "swa_lr": (0, None, "low"),
+    "health_every": (0, None, "ge"), "num_workers": (0, None, "ge"), "threshold": (0, 1, "open"),
 }
 
 
-def _in_range(v: float, lo, hi, kind: str) -> bool:
-    return {"open": lambda: lo < v < hi, "closed": lambda: lo <= v <= hi, "low": lambda: v > lo,
-            "ge": lambda: v >= lo, "left_open": lambda: lo < v <= hi,
-            "right_open": lambda: lo <= v < hi}[kind]()
-
-
-def _range_text(lo, hi, kind: str) -> str:
-    return {"open": f"in ({lo}, {hi})", "closed": f"in [{lo}, {hi}]", "low": f"> {lo}",
-            "ge": f">= {lo}", "left_open": f"in ({lo}, {hi}]", "right_open": f"in [{lo}, {hi})"}[kind]
+_KINDS = {  # kind: (whether v is in range, the range as the error message says it)
+    "open": (lambda v, lo, hi: lo < v < hi, "in ({lo}, {hi})"),
+    "closed": (lambda v, lo, hi: lo <= v <= hi, "in [{lo}, {hi}]"),
+    "low": (lambda v, lo, hi: v > lo, "> {lo}"),
+    "ge": (lambda v, lo, hi: v >= lo, ">= {lo}"),
+    "left_open": (lambda v, lo, hi: lo < v <= hi, "in ({lo}, {hi}]"),
+    "right_open": (lambda v, lo, hi: lo <= v < hi, "in [{lo}, {hi})"),
+}
 
 
 def _type_ok(v: Any, tp: Any) -> bool:
@@ -207,7 +203,7 @@ def _type_ok(v: Any, tp: Any) -> bool:
         return True
     if origin is Literal:
         return v in args
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return any(_type_ok(v, a) for a in args)
     if tp is type(None):
         return v is None
@@ -229,8 +225,7 @@ def _type_text(tp: Any) -> str:
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         return f"a list of {_type_text(args[0])}s, e.g. [\"tensorboard\", \"mlflow\"]"
     if args:
-        return " or ".join(_type_text(a) for a in args) if origin is not tuple else \
-            f"a list of {len(args)} numbers"
+        return f"a list of {len(args)} numbers" if origin is tuple else " or ".join(_type_text(a) for a in args)
     return {type(None): "unset", float: "a number", int: "an integer", bool: "true/false",
             str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
 
@@ -243,7 +238,7 @@ def _literal_choices(tp: Any) -> tuple:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Literal:
         return args
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return tuple(c for a in args for c in _literal_choices(a))
     return ()
 
@@ -270,9 +265,10 @@ def _validate(r: Recipe) -> None:
                               f"expected {_type_text(tp)}")
         if f.name in _RANGES and v is not None:
             lo, hi, kind = _RANGES[f.name]
-            if not _in_range(v, lo, hi, kind):
+            in_range, text = _KINDS[kind]
+            if not in_range(v, lo, hi):
                 raise RecipeError(f"recipe {r.name!r}: key {f.name!r} = {v!r} is out of range; "
-                                  f"it must be {_range_text(lo, hi, kind)}")
+                                  f"it must be {text.format(lo=lo, hi=hi)}")
     lo, hi = r.moms
     if not (0 <= lo <= 1 and 0 <= hi <= 1):
         raise RecipeError(f"recipe {r.name!r}: key 'moms' = {r.moms!r} must be two values in [0, 1]")
@@ -318,7 +314,6 @@ def check_logger_names(names, origin: str = "loggers") -> None:
         raise RecipeError(f"{origin}: 'loggers' = {list(names)!r} names {twice} more than once; list each once")
 
 
-
 # -- loading ------------------------------------------------------------------------------------
 
 _KEYS = [f.name for f in fields(Recipe)]
@@ -330,7 +325,8 @@ def from_dict(d: dict, origin: str = "dict", listing: str | None = None) -> Reci
     unknown = [k for k in d if k not in _KEYS]
     if unknown:
         k = unknown[0]
-        more = f" (and {len(unknown) - 1} more unknown: {', '.join(map(repr, unknown[1:]))})" if len(unknown) > 1 else ""
+        more = (f" (and {len(unknown) - 1} more unknown: {', '.join(map(repr, unknown[1:]))})"
+                if len(unknown) > 1 else "")
         if listing is None:
             listing = d.get("name") if d.get("name") in list_recipes() else "transfer"
         raise RecipeError(f"{origin}: unknown recipe key {k!r} ({_did_you_mean(k, _KEYS) or 'no key is close'}){more}; "
@@ -353,17 +349,15 @@ def _coerce(key: str, v: Any) -> Any:
 
 
 def _packaged_recipes() -> Path | None:
-    """The recipes installed with the package: package data `fastlearn/presets/*.toml`, which setup.cfg maps
-    from the top-level `recipes/` (the one copy in the repository). Read with importlib.resources, so it is
-    found wherever the package is (a wheel, `pip install --user`, a virtualenv), never through sys.prefix."""
+    """The recipes installed with the package: package data `fastlearn/presets/*.toml`, which setup.cfg maps from the
+    top-level `recipes/`; found with importlib.resources wherever the package is installed, never via sys.prefix."""
     d = files("fastlearn") / "presets"  # the top package's data, whichever subpackage reads it
     return d if isinstance(d, Path) and d.is_dir() else None  # a zipped install (not a Path) is not supported
 
 
 def recipe_dirs() -> list[Path]:
-    """Where named recipes are looked up, first match wins: $FASTLEARN_RECIPES (os.pathsep-separated folders),
-    the package's own recipes (installed package data), and the `recipes/` of a source checkout (an editable
-    install or PYTHONPATH, where the package data is that same folder)."""
+    """Where named recipes are looked up, first match wins: $FASTLEARN_RECIPES (os.pathsep-separated folders), the
+    installed package data, and the `recipes/` of a source checkout (an editable install or PYTHONPATH)."""
     dirs = [Path(p) for p in os.environ.get("FASTLEARN_RECIPES", "").split(os.pathsep) if p]
     dirs += [_packaged_recipes(), Path(__file__).resolve().parents[2] / "recipes"]
     return list(dict.fromkeys(d for d in dirs if d is not None and d.is_dir()))
@@ -407,16 +401,12 @@ def _read(name_or_path: str | Path, seen: tuple = ()) -> dict:
 
 def load_recipe(name_or_path: str | Path | Recipe = "transfer", overrides: dict | list[str] | None = None) -> Recipe:
     "Load a named recipe (or a .toml path), apply `overrides` (dict or 'key=value' strings), validate."
-    if isinstance(name_or_path, Recipe):
-        d = name_or_path.to_dict()
-    else:
-        d = _read(name_or_path)
+    d = name_or_path.to_dict() if isinstance(name_or_path, Recipe) else _read(name_or_path)
     if isinstance(overrides, (list, tuple)):
         overrides = parse_overrides(overrides)
     origin = f"recipe {d.get('name', name_or_path)!r}"
     if overrides:
-        bad = [k for k in overrides if k not in _KEYS]
-        if bad:  # raises with the hint
+        if any(k not in _KEYS for k in overrides):  # from_dict raises, with the hint
             name = d.get("name")
             from_dict(overrides, origin="override", listing=name if name in list_recipes() else "transfer")
         d = {**d, **overrides}

@@ -38,11 +38,9 @@ def one_cycle_mom(pos: float, moms: Sequence[float] = (0.95, 0.85), pct_start: f
 
 def one_cycle_scheds(lr_max, div: float = 25.0, final_div: float = 1e5, pct_start: float = 0.25,
                      moms: Sequence[float] = (0.95, 0.85)) -> dict:
-    """{'lr': f(pos), 'mom': f(pos)} for fastai's `ParamScheduler`, `lr_max` a float or one per group.
-
-    fastai's `combined_cos` stores the phase boundaries as float32 tensors, so its peak sits at
-    float32(pct_start) (relative LR error up to ~1e-7); these are the closed forms in float64.
-    """
+    """{'lr': f(pos), 'mom': f(pos)} for fastai's `ParamScheduler`, `lr_max` a float or one per group: the closed
+    forms in float64 (fastai's `combined_cos` stores the phase boundaries as float32, so its peak sits at
+    float32(pct_start))."""
     lr_max = np.asarray(lr_max, dtype=float)
     scalar = lr_max.ndim == 0  # fastai's set_hyper takes a Python float or one value per param group
 
@@ -56,11 +54,9 @@ def one_cycle_scheds(lr_max, div: float = 25.0, final_div: float = 1e5, pct_star
 
 
 def layer_lrs(n_groups: int, lr: float | slice, decay: float | None = None) -> np.ndarray:
-    """Discriminative LRs, geometric across `n_groups` layer groups (input first, head last).
-
-    `lr=slice(lo, hi)` spaces lo..hi geometrically; a float `lr` with `decay` gives the head `lr` and
-    each group below it `decay` times its upper neighbour's; a float alone gives every group `lr`.
-    """
+    """Discriminative LRs, geometric across `n_groups` layer groups (input first, head last): `lr=slice(lo, hi)`
+    spaces lo..hi geometrically; a float `lr` with `decay` gives the head `lr` and each group below it `decay` times
+    its upper neighbour's; a float alone gives every group `lr`."""
     if n_groups < 1:
         raise ValueError(f"n_groups must be >= 1, got {n_groups}")
     if isinstance(lr, slice):
@@ -98,12 +94,9 @@ class UnfreezeStage(tuple):
 
 def unfreeze_plan(n_groups: int, head_epochs: int, unfreeze_epochs: int, epochs: int,
                   step: int = 1, unfreeze_to: int = -1, stage_lr_mult: float = 0.5) -> list[UnfreezeStage]:
-    """Gradual unfreezing as data: head first, then `step` more groups per stage from the top.
-
-    Stage 0 trains the head group only (`head_epochs`); each following stage adds `step` groups and
-    lowers the peak LR by `stage_lr_mult`; the last stage (`unfreeze_to` top groups, -1 = all) runs
-    `epochs`, the intermediate ones `unfreeze_epochs`. Stages with 0 epochs are dropped.
-    """
+    """Gradual unfreezing as data: stage 0 trains the head group only (`head_epochs`); each following stage adds
+    `step` groups from the top and lowers the peak LR by `stage_lr_mult`; the last stage (`unfreeze_to` top groups,
+    -1 = all) runs `epochs`, the intermediate ones `unfreeze_epochs`. Stages with 0 epochs are dropped."""
     if n_groups < 1:
         raise ValueError(f"n_groups must be >= 1, got {n_groups}")
     if step < 1:

@@ -22,9 +22,7 @@ def is_multi_label(dls) -> bool:
     if isinstance(flag, bool):
         return flag
     tls = getattr(getattr(dls, "train_ds", None), "tls", None)
-    if not tls:
-        return False
-    return any(isinstance(t, (MultiCategorize, EncodedMultiCategorize)) for t in tls[-1].tfms.fs)
+    return bool(tls) and any(isinstance(t, (MultiCategorize, EncodedMultiCategorize)) for t in tls[-1].tfms.fs)
 
 
 def label_info(dls) -> dict:
@@ -104,6 +102,7 @@ def multi_label_probe(xtr, ytr, xva, yva, C: float = 1.0) -> float:
     if scores:
         return float(np.mean(scores))
     return float(np.mean(yva == (ytr.mean(0, keepdims=True) > 0.5)))  # constant majority guess per label
+
 
 def learner_multi_label(learn, recipe=None) -> bool:
     "Whether a learner trains a multi-label head: the recipe says so, or the loss is fastai's BCE-with-logits."

@@ -31,9 +31,11 @@ from .folders import random_splitter
 __all__ = ["image_dls", "default_num_workers"]
 
 IMAGENET_MEAN, IMAGENET_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # used when neither stats nor arch given
+
+
 def default_num_workers() -> int:
-    """DataLoader workers for this machine: 0 on <=2 usable CPUs or macOS/Windows (spawn is slow), else
-    min(8, CPUs-1); usable CPUs are the affinity mask's, capped by the cgroup CPU quota (fastlearn.loader)."""
+    """DataLoader workers for this machine: 0 on <=2 usable CPUs (`usable_cpus`) or macOS/Windows (spawn is slow),
+    else min(8, CPUs-1)."""
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     cores = usable_cpus(affinity, read_cpu_max())
     if cores <= 2 or sys.platform in ("darwin", "win32"): return 0
@@ -63,9 +65,7 @@ def _resolve_stats(arch: str | None, mean, std) -> tuple[Sequence[float], Sequen
     if (mean is None) != (std is None):
         raise ValueError(f"mean={mean!r}, std={std!r}: pass both or neither (neither uses the arch's or ImageNet's)")
     if mean is not None: return tuple(mean), tuple(std)
-    if arch is not None:
-        return model_stats(arch)
-    return IMAGENET_MEAN, IMAGENET_STD
+    return model_stats(arch) if arch is not None else (IMAGENET_MEAN, IMAGENET_STD)
 
 
 class _RandomErasing(Transform):
@@ -80,9 +80,8 @@ class _RandomErasing(Transform):
         return RandomErasing(self.probability, mode="pixel", device=x.device)(x)
 
 
-# timm's parser skips sections it cannot split ("rand-mabc" silently means the defaults) and fails on others with a
-# bare AssertionError, and an unknown op-set name after "t" silently means the default set; so we check each "-"
-# section against what timm 1.0 reads: m, n, p, mstd, mmax, inc with a number, or tweights / t3aw / t3a
+# timm's parser silently ignores sections it cannot split ("rand-mabc") and unknown op-set names after "t", and fails
+# on others with a bare AssertionError; so each "-" section is checked against what timm 1.0 reads
 _RAND_AUGMENT_SECTION = re.compile(r"(?:(?:mstd|mmax|inc|m|n|p)\d+(?:\.\d+)?|t(?:weights|3aw|3a))")
 _RAND_AUGMENT_HINT = "use timm's format 'rand-<key><value>-...', e.g. 'rand-m9-mstd0.5' (keys m, n, p, mstd, mmax, inc, t)"
 
@@ -98,8 +97,7 @@ def _check_rand_augment(config: str) -> None:
 
 class _RandAugment(Transform):
     "timm's RandAugment as a train-only fastai item transform on PIL images."
-    # After Resize (order 1) and before ToTensor (order 5): like timm's own train pipeline (crop, flip, then
-    # RandAugment), and cheaper, since the ops run on the item-size image rather than the full-size file.
+    # after Resize (1), before ToTensor (5): timm's own train order (crop, flip, RandAugment), cheaper on the item size
     order, split_idx = 2, 0
 
     def __init__(self, config: str, size: int, mean: Sequence[float]):
@@ -128,13 +126,10 @@ def image_dls(path: str | Path,
               valid_pct: float = 0.2,  # only for the flat layout
               seed: int = 42,  # split and shuffle order
               arch: str | None = None,  # timm name, for normalisation stats and default size
-              mean: Sequence[float] | None = None,
-              std: Sequence[float] | None = None,
-              augment: bool = True,
-              flip: bool = True,
+              mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+              augment: bool = True, flip: bool = True,
               max_rotate: float = 10.,  # degrees
-              max_zoom: float = 1.1,
-              max_lighting: float = 0.2,
+              max_zoom: float = 1.1, max_lighting: float = 0.2,
               min_scale: float = 1.0,  # <1 adds a RandomResizedCrop keeping at least this fraction of the area
               item_size: int | None = None,  # per-item resize before batch augmentation (presizing); default size
               bad_images: str = "error",  # "error" or "skip"
@@ -182,30 +177,25 @@ def image_dls(path: str | Path,
                         f"can be drawn; pass bs <= {n_train} or add images")
 
     mean, std = _resolve_stats(arch, mean, std)
-    batch_tfms = []
+    item_side = item_size or size
     if augment:
-        item_tfms = Resize(item_size or size)  # random crop on train, centre crop on valid
-        batch_tfms += aug_transforms(size=size, do_flip=flip, max_rotate=max_rotate, max_zoom=max_zoom,
-                                     max_lighting=max_lighting, min_scale=min_scale)
+        item_tfms = [Resize(item_side)]  # random crop on train, centre crop on valid
+        batch_tfms = aug_transforms(size=size, do_flip=flip, max_rotate=max_rotate, max_zoom=max_zoom,
+                                    max_lighting=max_lighting, min_scale=min_scale)
     else:
-        item_tfms = _CenterResize(size)  # item_size is only for presizing before augmentation
-    item_tfms = [item_tfms]
-    if rand_augment is not None: item_tfms.append(_RandAugment(rand_augment, item_size or size, mean))
+        item_tfms, batch_tfms = [_CenterResize(size)], []  # item_size is only for presizing before augmentation
+    if rand_augment is not None: item_tfms.append(_RandAugment(rand_augment, item_side, mean))
     batch_tfms.append(Normalize.from_stats(mean, std, cuda=False))  # DataLoaders moves it to `device`
     if random_erasing > 0: batch_tfms.append(_RandomErasing(random_erasing))
 
     workers = default_num_workers() if num_workers is None else num_workers
     target = torch.device(device) if device is not None else default_device()
-    # --- loader (fastlearn/loader.py): decode once at the size the run needs, workers that live for the run ---
-    extra = {}
     if decode != "cpu":  # the workers only read the files; decode, resize and crop run on the device
-        images, item_tfms, extra = gpu_decode_block(decode, target, (item_size or size) if augment else size,
-                                                      rand_augment)
+        images, item_tfms, extra = gpu_decode_block(decode, target, item_side if augment else size, rand_augment)
         cache = None
     else:
-        cache = image_cache_for(report.files, item_size or size, cache_images)
-        images = TransformBlock(type_tfms=ImageDecoder(item_size or size, cache), batch_tfms=IntToFloatTensor)
-    # --- end loader ---
+        cache, extra = image_cache_for(report.files, item_side, cache_images), {}
+        images = TransformBlock(type_tfms=ImageDecoder(item_side, cache), batch_tfms=IntToFloatTensor)
     block = DataBlock(blocks=(images, y_block), get_items=lambda _: list(report.files), get_y=label,
                       splitter=splitter, item_tfms=item_tfms, batch_tfms=batch_tfms)
     dls = block.dataloaders(report.root, path=report.root, bs=bs, device=device, num_workers=workers,

@@ -16,18 +16,12 @@ from ..base.errors import CorruptImageError, DataError, EmptyClassError, SingleC
 
 
 __all__ = ["FolderReport", "check_image_folder", "IMAGE_SUFFIXES", "VALID_NAMES", "BAD_IMAGES", "MAX_LISTED",
-           "walk_files", "decode_problem", "random_splitter"]
+           "walk_files", "decode_problem", "decode_problems", "bad_listing", "random_splitter"]
 
 VALID_NAMES = ("valid", "val", "validation")  # the validation split's folder name next to train/
-
-
 _LAYOUT_HINT = ("expected class subfolders: <folder>/train/<class>/*.jpg with <folder>/valid/<class>/*.jpg "
                 "(or val/, validation/), or <folder>/<class>/*.jpg for a random split")
-
-
 BAD_IMAGES = ("error", "skip")
-
-
 MAX_LISTED = 10  # bad paths spelled out in an error message; all of them are on `.paths`
 
 
@@ -96,9 +90,16 @@ def decode_problem(path: Path) -> str | None:
         return f"{type(e).__name__}: {e}"
 
 
-def _split_classes(split_dir: Path) -> dict[str, list[Path]]:
-    "Class name -> files (any suffix) under each class subfolder of `split_dir`."
-    return {d.name: walk_files(d) for d in _visible_dirs(split_dir)}
+def decode_problems(paths: Sequence[Path]) -> list[str | None]:
+    "`decode_problem` of each path, on threads: decoding is I/O and C code that releases the GIL."
+    with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4)) as pool:
+        return list(pool.map(decode_problem, paths))
+
+
+def bad_listing(bad: Sequence[tuple[Path, str]]) -> str:
+    "The first `MAX_LISTED` undecodable files with why, one per line, for an error message."
+    more = f"\n  ... and {len(bad) - MAX_LISTED} more (see .paths)" if len(bad) > MAX_LISTED else ""
+    return "\n".join(f"  {p} ({why})" for p, why in bad[:MAX_LISTED]) + more
 
 
 def _find_layout(root: Path) -> tuple[str, dict[str, Path], str | None]:
@@ -124,7 +125,8 @@ def check_image_folder(path: str | Path, bad_images: str = "error") -> FolderRep
     if not root.is_dir(): raise DataError(f"data folder {root} is not a directory; {_LAYOUT_HINT}")
     layout, split_dirs, valid_name = _find_layout(root)
 
-    listing = {split: _split_classes(d) for split, d in split_dirs.items()}
+    # split -> class -> its files (any suffix)
+    listing = {split: {c.name: walk_files(c) for c in _visible_dirs(d)} for split, d in split_dirs.items()}
     if layout == "flat" and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in listing["all"].get("models", [])):
         listing["all"].pop("models", None)  # fastai's Learner saves weights to <path>/models; not a class
     for split, d in split_dirs.items():
@@ -143,14 +145,10 @@ def check_image_folder(path: str | Path, bad_images: str = "error") -> FolderRep
         raise DataError(f"data folder {root} holds no image files (suffixes {', '.join(sorted(IMAGE_SUFFIXES))}); "
                         f"{_LAYOUT_HINT}")
 
-    # decoding is I/O and C code that releases the GIL, so threads give a near-linear speed-up
-    with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4)) as pool:
-        problems = list(pool.map(decode_problem, [p for _, _, p in candidates]))
+    problems = decode_problems([p for _, _, p in candidates])
     bad = sorted((p, why) for (_, _, p), why in zip(candidates, problems) if why is not None)
     if bad and bad_images == "error":
-        listed = "\n".join(f"  {p} ({why})" for p, why in bad[:MAX_LISTED])
-        more = f"\n  ... and {len(bad) - MAX_LISTED} more (see .paths)" if len(bad) > MAX_LISTED else ""
-        raise CorruptImageError(f"{len(bad)} file(s) under {root} cannot be decoded as images:\n{listed}{more}\n"
+        raise CorruptImageError(f"{len(bad)} file(s) under {root} cannot be decoded as images:\n{bad_listing(bad)}\n"
                                 f"delete or replace them, or pass bad_images='skip' to train without them",
                                 paths=[p for p, _ in bad])
 

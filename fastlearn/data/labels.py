@@ -1,32 +1,27 @@
 """Label layouts beyond class subfolders: a CSV of file names and labels, and multi-label data.
 
-CSV (fastai's `ImageDataLoaders.from_csv`/`from_df` conventions): `--data path/to/labels.csv`, or a folder
-holding `labels.csv`. The file-name column (default: the first) is relative to the CSV's folder, or to
-`folder`; the label column (default: the second) holds one label, or with `multi_label` space-separated
-labels (fastai's `label_delim=' '`; an empty cell is an image with none of the labels). An `is_valid`
-column (fastai's name; `valid_col` for another) marks validation rows, else the same seeded random split
-as a flat folder. `check_csv` finds every problem before any compute: missing CSV or column, files
-listed twice or missing on disk, undecodable images, a validation label never seen in training.
+CSV (fastai's `from_csv`/`from_df` conventions): `--data path/to/labels.csv`, or a folder holding `labels.csv`.
+File names (default: the first column) are relative to the CSV's folder, or to `folder`; the label column (default:
+the second) holds one label, or with `multi_label` space-separated labels (fastai's `label_delim=' '`; an empty
+cell is an image with none). An `is_valid` column (`valid_col` for another) marks validation rows, else the same
+seeded random split as a flat folder. `check_csv` finds every problem before any compute.
 
-Multi-label is asked for explicitly (`multi_label = true`), as fastai asks for `label_delim`: detecting it
-from a space in a label would turn single-label classes named with spaces ("golden retriever") into two
-labels without a word. A single-label CSV whose labels hold spaces gets a warning that names the key.
-Multi-label trains a sigmoid per class with binary cross-entropy (fastai `BCEWithLogitsLossFlat`) and
-reports `accuracy_multi` (per label, at `threshold`) and macro F1 (`f1_macro`: the mean of per-class F1,
-so a rare class weighs as much as a common one; 'samples' F1 would let frequent labels dominate).
+Multi-label is asked for explicitly, as fastai asks for `label_delim`: detecting it from a space would silently
+split single-label classes such as "golden retriever"; such labels get a warning instead. Multi-label trains a
+sigmoid per class (fastai `BCEWithLogitsLossFlat`) and reports `accuracy_multi` and macro F1, so a rare class
+weighs as much as a common one.
 """
 from __future__ import annotations
 
-import os
 import warnings
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from ..base.errors import CorruptImageError, DataError, EmptyClassError, SingleClassError
-from .folders import BAD_IMAGES, check_image_folder, decode_problem, FolderReport, MAX_LISTED, random_splitter
+from .folders import (bad_listing, BAD_IMAGES, check_image_folder, decode_problems, FolderReport, MAX_LISTED,
+                      random_splitter)
 
 
 __all__ = ["CSV_NAME", "CsvReport", "is_csv_data", "check_csv", "label_report", "label_args", "csv_parts"]
@@ -55,10 +50,9 @@ class CsvReport(FolderReport):
     def summary(self) -> str:
         "One line for logs: CSV, classes, images per split, skipped files."
         kind = "multi-label, " if self.multi_label else ""
-        n_valid = len(self.valid_files)
         extra = f"; skipped {len(self.skipped)} bad file(s)" if self.skipped else ""
         return (f"{self.csv}: {kind}{len(self.classes)} classes, {self.n_images} images (train "
-                f"{self.n_images - n_valid}, valid {n_valid}){extra}")
+                f"{self.n_train()}, valid {len(self.valid_files)}){extra}")
 
 
 class _CsvLabel:
@@ -190,14 +184,9 @@ def check_csv(path: str | Path, fn_col: str | None = None, label_col: str | None
         raise DataError(f"{len(missing)} of {len(paths)} file(s) listed in {csv} are missing under {base}: {shown} "
                         f"({_lines(missing)}); fix column {fn!r}, or set folder to the images' folder")
 
-    # decoding is I/O and C code that releases the GIL, so threads give a near-linear speed-up
-    with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4)) as pool:
-        problems = list(pool.map(decode_problem, paths))
-    bad = sorted((pth, why) for pth, why in zip(paths, problems) if why is not None)
+    bad = sorted((pth, why) for pth, why in zip(paths, decode_problems(paths)) if why is not None)
     if bad and bad_images == "error":
-        listed = "\n".join(f"  {pth} ({why})" for pth, why in bad[:MAX_LISTED])
-        more = f"\n  ... and {len(bad) - MAX_LISTED} more (see .paths)" if len(bad) > MAX_LISTED else ""
-        raise CorruptImageError(f"{len(bad)} file(s) listed in {csv} cannot be decoded as images:\n{listed}{more}\n"
+        raise CorruptImageError(f"{len(bad)} file(s) listed in {csv} cannot be decoded as images:\n{bad_listing(bad)}\n"
                                 f"delete or replace them (and their rows), or pass bad_images='skip' to train without "
                                 f"them", paths=[pth for pth, _ in bad])
     skipped = {pth for pth, _ in bad}
@@ -278,9 +267,3 @@ def csv_parts(report: CsvReport):
     from fastai.data.block import CategoryBlock, MultiCategoryBlock
     block = MultiCategoryBlock if report.multi_label else CategoryBlock
     return _CsvLabel(report.labels), _ListSplitter(report.valid_files), block
-
-
-# -- what kind of labels a DataLoaders holds ------------------------------------------------------------------------
-
-# -- multi-label loss and metrics ------------------------------------------------------------------------------------
-

@@ -1,18 +1,12 @@
 """A data pipeline that keeps up: DataLoader workers that live for the whole run, pinned batches copied without
 waiting, and a RAM cache of decoded images.
 
-- `PersistentDL`, a fastai `TfmdDL`: fastai's `DataLoader.__iter__` builds a new torch iterator every epoch, which
-  forks its worker processes again (2 workers, 3 epochs and a validation: 8 process starts for the training and
-  validation loaders; a large training process pays each fork in page-table copies and page faults). Here the
-  workers start once per loader and receive each epoch's sample order and seed, so every batch, every random
-  item transform and every draw from the main process's RNGs is what fastai's own loader gives (tests check it
-  batch by batch over several epochs). On CUDA, batches are pinned by a thread and copied with `non_blocking`.
-- `ImageDecoder` / `ImageCache`: each image decoded once (Pillow; JPEG `draft` mode decodes at the smallest DCT
-  scale that is still >= the size the run needs), resized so its shorter side is that size (never upscaled),
-  and kept in RAM as uint8 within a memory budget; fastai's Resize crop and batch augmentation run after it as
-  before. The decoder is the same with or without the cache, so the cache changes the time, never the pixels.
-  Worker processes are forked after the cache is filled, so they share its pages (copy-on-write: the arrays are
-  only read); under a spawn start method each worker decodes for itself.
+- `PersistentDL`: fastai's loader forks its workers again every epoch (costly for a large training process); here
+  they start once per loader and receive each epoch's sample order and seed, so the batches, the random item
+  transforms and the main process's RNG draws are fastai's own (tests check it batch by batch).
+- `ImageDecoder` / `ImageCache`: each image decoded once at the size the run needs and kept in RAM as uint8 within a
+  budget; the decoder is the same with or without the cache, so the cache changes the time, never the pixels.
+  Workers fork after the cache is filled and share its pages (copy-on-write); under spawn each decodes for itself.
 - `usable_cpus`: the CPUs a process may use, from its affinity mask and the cgroup CPU quota (in a container
   `sched_getaffinity` reports the host's cores).
 """
@@ -36,9 +30,9 @@ from fastai.torch_core import set_num_threads, set_seed, to_device
 from fasttransform import Transform
 from PIL import Image
 
-__all__ = ["PersistentDL", "ImageDecoder", "DECODERS", "check_decode", "EncodedImages", "ReadEncoded", "GpuDecode", "decode_jpegs_on",
-           "collate_encoded", "gpu_decode_block", "ImageCache", "image_cache_for", "decode_image", "cache_budget", "usable_cpus",
-           "cpu_quota", "read_cpu_max", "memory_limit", "estimate_cache_bytes"]
+__all__ = ["PersistentDL", "ImageDecoder", "DECODERS", "check_decode", "EncodedImages", "ReadEncoded", "GpuDecode",
+           "decode_jpegs_on", "collate_encoded", "gpu_decode_block", "ImageCache", "image_cache_for", "decode_image",
+           "cache_budget", "usable_cpus", "cpu_quota", "read_cpu_max", "memory_limit", "estimate_cache_bytes"]
 
 CACHE_SETTINGS = ("auto", True, False)
 _AUTO_CACHE_MAX = 2 << 30  # bytes: "auto" caches when the images fit in min(2 GB, 25% of RAM)
@@ -48,9 +42,7 @@ _AUTO_CACHE_MAX = 2 << 30  # bytes: "auto" caches when the images fit in min(2 G
 
 def cpu_quota(cpu_max: str | None) -> float | None:
     "CPUs a cgroup quota allows, from cgroup v2 `cpu.max` text ('200000 100000' -> 2.0; 'max 100000' -> None)."
-    if not cpu_max:
-        return None
-    parts = cpu_max.split()
+    parts = (cpu_max or "").split()
     if len(parts) != 2 or parts[0] == "max":
         return None
     try:
@@ -99,10 +91,9 @@ def memory_limit(root: str = "/sys/fs/cgroup") -> int:
 # -- decoding and the image cache -------------------------------------------------------------------------------
 
 def decode_image(path, short_side: int | None = None) -> Image.Image:
-    """The image at `path`, loaded (no lazy file handle), in mode L or RGB (other modes converted to RGB, as
-    fastai's `PILImage.create` does), its shorter side reduced to `short_side` px when larger (bilinear, which
-    antialiases when shrinking; never upscaled). JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) that
-    keeps both sides >= `short_side`."""
+    """The image at `path`, loaded, in mode L or RGB (others converted to RGB, as fastai's `PILImage.create` does), its
+    shorter side reduced to `short_side` px (`reduce_short_side`). JPEGs are decoded at the smallest DCT scale (1/2,
+    1/4, 1/8) that keeps both sides >= `short_side`, which is faster than a full decode."""
     with Image.open(path) as im:
         if short_side and im.format == "JPEG":
             im.draft("RGB", (short_side, short_side))
@@ -285,11 +276,9 @@ class ReadEncoded(Transform):
 def collate_encoded(samples):
     "fastai's collation, except that the `EncodedImages` of a batch are joined into one (the images differ in size)."
     from fastai.data.load import fa_collate
-    first = samples[0]
-    if isinstance(first, tuple) and any(isinstance(o, EncodedImages) for o in first):
-        cols = list(zip(*samples))
+    if isinstance(samples[0], tuple) and any(isinstance(o, EncodedImages) for o in samples[0]):
         return tuple(EncodedImages(torch.cat([o.data for o in c]), [n for o in c for n in o.sizes])
-                     if isinstance(c[0], EncodedImages) else fa_collate(c) for c in cols)
+                     if isinstance(c[0], EncodedImages) else fa_collate(c) for c in zip(*samples))
     return fa_collate(samples)
 
 
@@ -394,12 +383,10 @@ class _WorkerPool:
         self.current = ctx.Value("q", 0, lock=False)
         self.tasks = [ctx.SimpleQueue() for _ in range(n)]
         self.outs = [ctx.Queue(maxsize=prefetch) for _ in range(n)]
-        self.procs = []
-        for w in range(n):
-            p = ctx.Process(target=_worker_loop, args=(dl, w, n, self.tasks[w], self.outs[w], self.current),
-                            daemon=True)
+        self.procs = [ctx.Process(target=_worker_loop, args=(dl, w, n, self.tasks[w], self.outs[w], self.current),
+                                  daemon=True) for w in range(n)]
+        for p in self.procs:
             p.start()
-            self.procs.append(p)
 
     def _get(self, w: int, timeout: float):
         "The next result of worker `w`; raises if the worker died."
@@ -443,13 +430,11 @@ class _WorkerPool:
             e, b = self._get(w, timeout)
             if e != eid:
                 continue  # left over from an abandoned epoch
-            if isinstance(b, ExceptionWrapper):
+            if _terminal(b):
                 ended.add(w)
                 self._finish(eid, ended, timeout)
-                b.reraise()
-            if isinstance(b, str) and b == _END:
-                ended.add(w)
-                self._finish(eid, ended, timeout)
+                if isinstance(b, ExceptionWrapper):
+                    b.reraise()
                 return
             yield b
             k += 1
@@ -490,19 +475,10 @@ class _WorkerPool:
         self.procs = []
 
 
-def _pin(b):
-    from torch.utils.data._utils.pin_memory import pin_memory
-    res = pin_memory(b)
-    return tuple(res) if isinstance(b, tuple) and isinstance(res, list) else res
-
-
 class PersistentDL(TfmdDL):
-    """fastai's `TfmdDL` with worker processes that live as long as the loader (fastai forks new ones every epoch)
-    and, on CUDA, pinned batches copied with `non_blocking`. Same batches as fastai's loader, in the same order,
-    with the same random item transforms and the same draws from the main process's RNGs.
-
-    `persistent=False` (the default of loaders made by `.new()`, e.g. `test_dl`) keeps fastai's per-iteration
-    workers. Workers are restarted when the dataset, batch size or item/collate transforms of the loader are
+    """fastai's `TfmdDL` with worker processes that live as long as the loader and, on CUDA, pinned batches copied
+    with `non_blocking`; the batches are fastai's. `persistent=False` (the default of `.new()`, e.g. `test_dl`) keeps
+    fastai's per-iteration workers. Workers restart when the dataset, batch size or item/collate transforms are
     replaced; a transform changed in place is not seen by running workers."""
 
     def __init__(self, dataset=None, persistent: bool = True, image_cache: ImageCache | None = None, **kwargs):
@@ -527,48 +503,32 @@ class PersistentDL(TfmdDL):
             return b
         return to_device(b, self.device, non_blocking=torch.device(self.device).type == "cuda")
 
-    def _pin_now(self) -> bool:
-        return bool(self.pin_memory) and torch.cuda.is_available()
-
     def __iter__(self):
-        if self.image_cache is not None and not getattr(self, "_peek", False):
+        peek = getattr(self, "_peek", False)
+        if self.image_cache is not None and not peek:
             self.image_cache.fill()  # before any worker forks, so workers share the decoded images
-        if self.fake_l.num_workers == 0 or not self.persistent or getattr(self, "_peek", False):
-            yield from self._iter_fastai()
-            return
-        # fastai's DataLoader.__iter__, the sample order and seed sent to the live workers
+        # fastai's DataLoader.__iter__, with non-blocking device copies; live workers get the sample order and seed
         self.randomize()
         self.before_iter()
-        idxs = self.get_idxs()
-        self._DataLoader__idxs = idxs
-        base_seed = torch.empty((), dtype=torch.int64).random_(generator=self.fake_l.generator).item()
-        pool = self._workers()
-        eid = pool.start_epoch(idxs, base_seed, self.timeout)
-        done = False
-        batches = pool.batches(eid, self.timeout)
-        if self._pin_now():
-            batches = _pinned(batches)
-        try:
-            for b in batches:
+        self._DataLoader__idxs = idxs = self.get_idxs()
+        if self.fake_l.num_workers == 0 or not self.persistent or peek:
+            for b in _loaders[self.fake_l.num_workers == 0](self.fake_l):
+                if self.pin_memory and type(b) == list:  # noqa: E721 - fastai's test: pinning turns tuples into lists
+                    b = tuple(b)
                 yield self.after_batch(self._device_copy(b))
-            done = True
-        finally:
-            if not done:  # the consumer stopped early: workers stop at their next batch, the pin thread ends
+        else:
+            base_seed = torch.empty((), dtype=torch.int64).random_(generator=self.fake_l.generator).item()
+            pool = self._workers()
+            batches = pool.batches(pool.start_epoch(idxs, base_seed, self.timeout), self.timeout)
+            if self.pin_memory and torch.cuda.is_available():
+                batches = _pinned(batches)
+            try:
+                for b in batches:
+                    yield self.after_batch(self._device_copy(b))
+            except BaseException:  # the consumer stopped early: workers stop at their next batch, the pin thread ends
                 pool.abandon()
                 batches.close()
-        self.after_iter()
-        if hasattr(self, "it"):
-            del self.it
-
-    def _iter_fastai(self):
-        "fastai's DataLoader.__iter__ (torch's single- or multi-process iterator), with non-blocking device copies."
-        self.randomize()
-        self.before_iter()
-        self._DataLoader__idxs = self.get_idxs()
-        for b in _loaders[self.fake_l.num_workers == 0](self.fake_l):
-            if self.pin_memory and type(b) == list:  # noqa: E721 - fastai's test: pinning turns tuples into lists
-                b = tuple(b)
-            yield self.after_batch(self._device_copy(b))
+                raise
         self.after_iter()
         if hasattr(self, "it"):
             del self.it
@@ -598,14 +558,13 @@ class PersistentDL(TfmdDL):
             pass
 
     def __getstate__(self):  # pickles (an exported learner, spawned workers) carry neither processes nor images
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        state = dict(state)
-        state.update(_pool=None, _pool_key=None)
-        return state
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "_pool": None, "_pool_key": None}
 
 
 def _pinned(batches, depth: int = 2):
     "`batches` pinned by a background thread (the copy releases the GIL), `depth` ahead of the consumer."
+    from torch.utils.data._utils.pin_memory import pin_memory
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     sentinel = object()
@@ -622,7 +581,8 @@ def _pinned(batches, depth: int = 2):
     def run():
         try:
             for b in batches:
-                if not put(_pin(b)):
+                pinned = pin_memory(b)
+                if not put(tuple(pinned) if isinstance(b, tuple) and isinstance(pinned, list) else pinned):
                     return
             put(sentinel)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer

@@ -13,7 +13,7 @@ from typing import Callable
 __all__ = ["SAMPLES", "sample", "is_sample_name", "samples_root"]
 
 _MARKER = ".fastlearn-complete"  # written last inside the temp folder; its presence means the dataset is whole
-_STALE_TMP_S = 3600  # temp folders older than this are from killed writes and are removed
+_STALE_TMP_S = 3600  # seconds: older temp folders are from killed writes
 
 
 def samples_root() -> Path:
@@ -61,15 +61,6 @@ def _is_complete(dest: Path) -> bool:
         return False
 
 
-def _remove_stale_tmps(root: Path, name: str) -> None:
-    "Remove temp folders left by killed writes (old enough that no live writer can own them)."
-    for tmp in root.glob(f".{name}.tmp-*"):
-        try:
-            if time.time() - tmp.stat().st_mtime > _STALE_TMP_S: shutil.rmtree(tmp, ignore_errors=True)
-        except OSError:
-            pass
-
-
 def sample(name: str = "digits", root: str | Path | None = None) -> Path:
     "Path of the bundled sample `name` as an image folder (train/ + valid/), building it once on first use."
     if name not in SAMPLES:
@@ -78,7 +69,11 @@ def sample(name: str = "digits", root: str | Path | None = None) -> Path:
     dest = root / name
     if _is_complete(dest): return dest
     root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmps(root, name)
+    for tmp in root.glob(f".{name}.tmp-*"):  # remove those of killed writes: old enough that no live writer owns them
+        try:
+            if time.time() - tmp.stat().st_mtime > _STALE_TMP_S: shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass
     # build beside `dest` (same filesystem) so os.replace is atomic: readers see no dataset or a whole one
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
     try:

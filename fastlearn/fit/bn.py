@@ -1,11 +1,9 @@
 """BatchNorm in inference mode while a network is fine-tuned (Keras' advice for transfer learning).
 
-In train mode a BN layer normalises each batch by that batch's statistics and moves its running statistics
-toward them. When fine-tuning starts from a head fitted on the frozen body's features, both change what the head
-sees: small augmented batches give noisy statistics, and the running ones drift from those the head was fitted
-on. In inference mode every BN layer normalises by its running statistics, which stay as they were; its scale and
-shift still train when their group does. fastai sets the whole model to train mode before each training epoch
-(`TrainEvalCallback.before_train`, order -10); this callback puts the BN layers back right after it.
+Fine-tuning from a head fitted on the frozen body's features, train-mode BN would normalise by noisy small-batch
+statistics and move its running statistics away from those the head was fitted on. In inference mode it uses the
+running statistics, unchanged; its scale and shift still train. fastai sets the whole model to train mode before
+each training epoch (`TrainEvalCallback`, order -10); this callback puts the BN layers back right after it.
 """
 from __future__ import annotations
 

@@ -10,32 +10,22 @@ gloo on CPUs).
     with distributed_ctx(learn):                # DDP while inside; the same Learner afterwards
         learn.fit_one_cycle(3)
 
-Built on fastai's `DistributedTrainer` (accelerate prepares the DDP model) and `DistributedDL`, with what
-they get wrong for us fixed in subclasses (fastai 2.8.12, `fastai/distributed.py`):
-- `DistributedDL._broadcast` moves the shuffled indices to CUDA, so the loader fails on a CPU-only (gloo)
-  group; `ShardedDL` keeps them on the process group's device.
-- `DistributedDL.__len__` counts the batches of the whole dataset (rounded), not of one rank's shard: with
-  `drop_last` (fastai's default for training) it reports more batches than a rank yields, so a one-cycle
-  schedule stops before its end. `ShardedDL.__len__` counts the shard.
+Built on fastai's `DistributedTrainer` (accelerate prepares the DDP model) and `DistributedDL`, with what they get
+wrong for us fixed (fastai 2.8.12):
+- `DistributedDL` moves the shuffled indices to CUDA, failing on a CPU (gloo) group, and its `__len__` counts the
+  whole dataset's batches, so with `drop_last` a one-cycle schedule stops early; `ShardedDL` fixes both. Shards are
+  strided as in torch's `DistributedSampler`: global batch k of W ranks at batch b is batch k of one process at W*b.
 - The loaders are wrapped for the whole `distributed_ctx` block (fastai wraps them per fit), so what reads
-  `len(learn.dls.train)` before a fit (lr_find's epoch count, progress bars) sees a rank's shard.
-- Shards are strided (torch `DistributedSampler`'s convention), not contiguous: global batch k of a W-rank
-  run at per-rank batch b is exactly batch k of a one-process run at batch W*b (the same data order).
-- Validation: fastai shards the validation set and pads it to equal lengths; its unpadding (PR #2729, for
-  #2636) applies to gathered tensors, but `AvgMetric`/`AvgLoss` scalars are averaged over ranks with the
-  padded duplicates included. Here every rank evaluates the whole validation set with no communication
-  (`FullValidDL`), and `RankZeroRecord` gives every rank rank 0's record of the epoch, so metrics are
-  exact and callbacks that read them (early stopping, best checkpoint) decide alike on every rank.
-- `sync_bn`: torch's `convert_sync_batchnorm` turns timm's `BatchNormAct2d` into a plain `SyncBatchNorm`
-  whose forward never calls the activation (on timm's test_efficientnet 9 of 13 such layers carry one);
-  timm's converter keeps it. fastai also leaves the converted model (SyncBatchNorm runs only on CUDA) in
-  the Learner after fit; we put the original modules back (parameters and statistics are shared, so they
-  hold the trained values).
-- Failures: a NaN/Inf training loss on any rank is agreed on by all ranks (one tiny all-gather per step) and
-  raises `NonFiniteError` on every rank at the same step, before the bad gradient is averaged into the
-  weights (fastai's `TerminateOnNaNCallback` stops only the rank that saw it, and the others wait for it
-  in the next all-reduce). An exception on one rank ends that process; torchrun's elastic agent then stops
-  the others. The process group timeout is the backstop for a rank that hangs without dying.
+  `len(learn.dls.train)` before a fit (lr_find, progress bars) sees a rank's shard.
+- Validation: fastai pads the shards and averages `AvgMetric`/`AvgLoss` over ranks with the padding included. Here
+  every rank evaluates the whole validation set (`FullValidDL`) and takes rank 0's record (`RankZeroRecord`), so
+  metrics are exact and callbacks that read them (early stopping, best checkpoint) decide alike on every rank.
+- `sync_bn`: torch's converter turns timm's `BatchNormAct2d` into a `SyncBatchNorm` that drops the activation;
+  timm's keeps it. After fit the Learner gets its original modules back (they share the trained parameters).
+- Failures: a NaN/Inf training loss on any rank raises `NonFiniteError` on every rank at the same step, before
+  the bad gradient is averaged into the weights (fastai's `TerminateOnNaNCallback` stops only that rank, and the
+  others hang). An exception on one rank ends its process and torchrun stops the others; the process group timeout
+  is the backstop for a rank that hangs.
 """
 from __future__ import annotations
 
@@ -59,8 +49,8 @@ from ..core.models import bn_layers
 from ..base.ranks import DEFAULT_TIMEOUT_S, group_device, broadcast_object, init_distributed, is_main_process, rank, world_size
 
 
-__all__ = ["distributed_ctx", "ShardedDL", "FullValidDL",
-           "DDPTrainer", "RankZeroRecord"]
+__all__ = ["distributed_ctx", "ShardedDL", "FullValidDL", "DDPTrainer", "RankZeroRecord"]
+
 
 # -- data: training shards and the full validation set -----------------------------------------------
 
@@ -78,8 +68,7 @@ class ShardedDL(_WrappedDL):
     "fastai's `DistributedDL` with rank 0's shuffle broadcast on the group's device, strided shards and the shard's length."
 
     def _broadcast(self, t, rank):
-        # fastai's version does `LongTensor(t).cuda()` (nccl only takes CUDA tensors), which fails where
-        # there is no GPU: gloo groups get CPU tensors, nccl groups the current CUDA device.
+        # fastai's `LongTensor(t).cuda()` fails without a GPU: gloo groups get CPU tensors, nccl the current GPU
         t = torch.tensor(t, dtype=torch.long, device=group_device())
         dist.broadcast(t, rank)
         return t.cpu().tolist()
@@ -90,8 +79,7 @@ class ShardedDL(_WrappedDL):
         return per_rank // self.bs if self.drop_last else math.ceil(per_rank / self.bs)
 
     def get_idxs(self):
-        idxs = list(self.dl.get_idxs())       # every rank shuffles (same RNG use), rank 0's order wins
-        idxs = self._broadcast(idxs, 0)
+        idxs = self._broadcast(list(self.dl.get_idxs()), 0)  # every rank shuffles (same RNG use), rank 0's wins
         self.n = len(idxs)
         self.n_padded = _round_to_multiple(self.n, self.world_size)
         idxs += (idxs * (self.n_padded // self.n))[: self.n_padded - self.n]  # repeat the first few
@@ -137,10 +125,6 @@ def _put_back(model: nn.Module, modules: dict[str, nn.Module]) -> None:
     for name, m in modules.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, m)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 class DDPTrainer(DistributedTrainer):
@@ -209,7 +193,8 @@ class DDPTrainer(DistributedTrainer):
     def after_train(self):
         # DDP keeps the weights equal but not the BatchNorm statistics (each rank updates them with its own
         # batch after DDP broadcast rank 0's): every rank validates, and rank 0 saves, rank 0's.
-        for b in _unwrap(self.learn.model).buffers():
+        model = self.learn.model
+        for b in (model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model).buffers():
             dist.broadcast(b.data, 0)
 
     def after_fit(self):
@@ -225,9 +210,8 @@ class DDPTrainer(DistributedTrainer):
 
 
 class RankZeroRecord(Callback):
-    """Every rank takes rank 0's record of the epoch. Ranks compute the same metrics up to the last bit of
-    floating point (BLAS kernels may round differently on differently aligned buffers); callbacks that
-    compare them (early stopping, best checkpoint) must decide alike on every rank or the ranks diverge."""
+    """Every rank takes rank 0's record of the epoch: BLAS may round differently on each rank, and callbacks that
+    compare metrics (early stopping, best checkpoint) must decide alike on every rank or the ranks diverge."""
     order = 55  # after Recorder (50) appends the epoch, before TrackerCallback (60) reads it
 
     def after_epoch(self):
@@ -239,19 +223,13 @@ class RankZeroRecord(Callback):
         rec.log[1:1 + len(last)] = last
 
 
-def _progress_cbs(learn) -> list:
-    return [cb for cb in learn.cbs if isinstance(cb, (EpochProgress, ProgressCallback))]
-
-
 @contextmanager
 def distributed_ctx(learn, sync_bn: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S, **accelerator_kwargs):
-    """Train `learn` with DistributedDataParallel inside the block when launched on several processes
-    (torchrun / accelerate launch); do nothing for one process. Only rank 0 shows progress. On any error
-    this rank prints which rank failed and re-raises, so its process exits non-zero and torchrun stops the
-    other ranks. `sync_bn`: batch statistics over the global batch (timm's SyncBatchNorm conversion; CUDA only).
-    Inside the block every rank must make the same Learner calls (fit, validate, get_preds, lr_find: fastai
-    fires before_fit for each, and wrapping the model in DDP is a collective); work for rank 0 alone
-    (writing files) goes under `if is_main_process():` with no Learner calls, or after the block."""
+    """Train `learn` with DistributedDataParallel inside the block when launched on several processes (torchrun /
+    accelerate launch); do nothing for one process. Only rank 0 shows progress; a failing rank says so and re-raises.
+    `sync_bn`: batch statistics over the global batch (CUDA only). Every rank must make the same Learner calls inside
+    the block (wrapping the model in DDP at each fit, validate, get_preds or lr_find is a collective); work for rank 0
+    alone (writing files) goes under `if is_main_process():` with no Learner calls, or after the block."""
     if not init_distributed(timeout_s):
         yield learn
         return
@@ -259,7 +237,7 @@ def distributed_ctx(learn, sync_bn: bool = False, timeout_s: float = DEFAULT_TIM
         raise FastlearnError(f"sync_bn=True needs CUDA processes (nccl); this group runs {dist.get_backend()!r}, "
                              f"and torch's SyncBatchNorm has no CPU kernel. Set sync_bn = false on CPU")
     trainer = DDPTrainer(sync_bn=sync_bn, **accelerator_kwargs)
-    quiet = [] if is_main_process() else _progress_cbs(learn)
+    quiet = [] if is_main_process() else [cb for cb in learn.cbs if isinstance(cb, (EpochProgress, ProgressCallback))]
     learn.remove_cbs(quiet)
     record = RankZeroRecord()
     learn.add_cbs([trainer, record])

@@ -1,8 +1,7 @@
 """An exponential moving average of the weights (timm's `ModelEmaV3`) kept across all the fits of a run.
 
-At the end of the run `finish` validates the averaged weights and keeps whichever of raw and EMA
-has the lower validation loss. timm's `ModelEmaV3` does the averaging (parameters and buffers,
-foreach lerp); fastai has no EMA callback, so this one only drives it from the training loop.
+timm does the averaging; fastai has no EMA callback, so this one drives it from the training loop. At the end of the
+run `finish` keeps whichever of raw and EMA weights has the lower validation loss.
 """
 from __future__ import annotations
 
@@ -14,13 +13,8 @@ __all__ = ["EMA"]
 
 
 class EMA(Callback):
-    """EMA of the model weights, updated after every optimizer step, created once and kept across fits.
-
-    With `warmup` the decay grows with the step count as timm's warmup does (1 - (1 + t)^-2/3, capped
-    at `decay`), so short runs still average recent weights; without it every update uses `decay`.
-    Either way timm's first update (step 1) copies the weights: the average starts after the first step.
-    Frozen parameters do not move, so their average equals them.
-    """
+    """EMA of the model weights, updated after every optimizer step, created once and kept across fits. With `warmup`
+    the decay grows with the step count as in timm (capped at `decay`), so short runs still average recent weights."""
     order = 65
 
     def __init__(self, decay: float = 0.9998, warmup: bool = True):

@@ -1,8 +1,7 @@
 """Stop training on the first NaN/Inf loss or gradient, before the optimizer step can spread it into the weights.
 
-fastai has no such check (`TerminateOnNaNCallback` looks at the loss only, after the step, and just
-cancels the fit); we raise `NonFiniteError` naming the step, the stage and the LR, so the weights
-stay finite and the last checkpoint stays the last good one.
+fastai's `TerminateOnNaNCallback` looks at the loss only, after the step, and just cancels the fit; here
+`NonFiniteError` names the step, the stage and the LR; the weights stay finite and the last checkpoint good.
 """
 from __future__ import annotations
 
@@ -19,9 +18,7 @@ __all__ = ["NonFiniteGuard", "grad_norm", "is_finite"]
 
 def is_finite(x: torch.Tensor | float) -> bool:
     "True when every element of `x` is finite (one host sync for a tensor)."
-    if isinstance(x, torch.Tensor):
-        return bool(torch.isfinite(x).all())
-    return math.isfinite(x)
+    return bool(torch.isfinite(x).all()) if isinstance(x, torch.Tensor) else math.isfinite(x)
 
 
 def grad_norm(params) -> torch.Tensor | None:
@@ -37,16 +34,9 @@ def grad_norm(params) -> torch.Tensor | None:
 
 class NonFiniteGuard(Callback):
     """Raises `NonFiniteError` when a training loss, a running statistic or the gradient norm is NaN/Inf, before
-    the optimizer step.
-
-    One host sync per step: the loss and the running statistics are checked on the device after the loss and
-    the gradient norm after the backward pass; the flags are read together before the step (or when another
-    callback cancels the step), so a non-finite loss is reported after its backward pass, with the same message
-    and the same untouched weights. The check runs after fastai's `MixedPrecision` (order 10): with fp16 its
-    GradScaler has unscaled the gradients and cancels the steps whose gradients overflowed (those are normal,
-    the scale just shrinks) before this callback runs, so only real non-finite gradients raise; likewise steps
-    that `GradientAccumulation` cancels are not checked for gradients until the accumulated step.
-    """
+    the optimizer step. The flags are computed on the device and read together before the step: one host sync.
+    It runs after fastai's `MixedPrecision`, whose GradScaler cancels the normal fp16 overflow steps first, so only
+    real non-finite gradients raise; steps `GradientAccumulation` cancels are checked at the accumulated step."""
     order = 12        # after MixedPrecision (10) and GradientClip (11); before the optimizer step
     run_valid = False
 
@@ -54,17 +44,13 @@ class NonFiniteGuard(Callback):
         self.stage = ""
         self.steps = 0    # training batches seen across fits (used when no Checkpointer counts them)
 
-    def _step(self) -> int:
-        "Training batches finished in the run (the Checkpointer's count, which survives a resume)."
-        ck = getattr(self.learn, "checkpointer", None)
-        return ck.global_step if ck is not None else self.steps
-
     def _where(self) -> str:
-        hs = self.opt.hypers
-        lrs = [float(h["lr"]) for h in hs]
+        lrs = [float(h["lr"]) for h in self.opt.hypers]
         lr = f"{lrs[-1]:.3g}" if min(lrs) == max(lrs) else f"{lrs[-1]:.3g} (head) .. {lrs[0]:.3g} (first group)"
         stage = f"stage {self.stage!r}, " if self.stage else ""
-        return (f"at step {self._step() + 1} ({stage}epoch {self.epoch + 1}, batch {self.iter + 1}/{self.n_iter}) "
+        ck = getattr(self.learn, "checkpointer", None)  # the Checkpointer's count survives a resume
+        step = ck.global_step if ck is not None else self.steps
+        return (f"at step {step + 1} ({stage}epoch {self.epoch + 1}, batch {self.iter + 1}/{self.n_iter}) "
                 f"with lr {lr}")
 
     def before_fit(self):
@@ -82,10 +68,6 @@ class NonFiniteGuard(Callback):
             torch._foreach_copy_(self._saved, self._bufs)
         self._flags = None
 
-    def _restore_buffers(self) -> None:
-        if getattr(self, "_bufs", None):
-            torch._foreach_copy_(self._bufs, self._saved)
-
     def after_loss(self):
         if len(self.yb) == 0:
             return
@@ -95,8 +77,7 @@ class NonFiniteGuard(Callback):
         self._flags = torch.stack([loss_ok, bufs_ok.to(loss_ok.device)])
 
     def before_step(self):
-        norm = grad_norm(p for pg in self.opt.param_lists for p in pg)
-        self._check(norm)
+        self._check(grad_norm(p for pg in self.opt.param_lists for p in pg))
 
     def after_cancel_step(self):  # a step another callback cancelled: its loss and statistics still count
         self._check(None)
@@ -115,7 +96,8 @@ class NonFiniteGuard(Callback):
             names = [n for n, b in self.model.named_buffers() if b.is_floating_point() and not is_finite(b)]
             bad = f"non-finite running statistics in {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
         if bad is not None:
-            self._restore_buffers()
+            if getattr(self, "_bufs", None):
+                torch._foreach_copy_(self._bufs, self._saved)
             raise NonFiniteError(f"{bad} {self._where()}; the optimizer step was not taken and the running "
                                  f"statistics were put back, so the model is the last finite one. Lower the lr, "
                                  f"check the inputs for NaN/Inf, or set grad_clip")

@@ -1,13 +1,8 @@
 """Training health monitor: per layer group update/weight ratio, gradient norm and LR, plus throughput.
 
-Every `every` optimizer steps `HealthMonitor` measures, for each layer group (the decay and no-decay
-optimizer groups of one layer group together), the gradient norm before the step and the relative
-update ||w_after - w_before|| / ||w_before|| the step made (Karpathy's rule of thumb: about 1e-3;
-far below, the group barely learns; far above, the LR is too high). Rows go to `.rows` and, with
-`csv_path`, to a CSV file; each problem is reported once as a `HealthWarning`.
-
-fastai's `ActivationStats` records activations, not updates; nothing in fastai or timm measures the
-update ratio, so this is ours. The verdict is the pure function `health_problems`.
+The relative update ||w_after - w_before|| / ||w_before|| of a step should be about 1e-3 (Karpathy's rule of thumb):
+far below, the group barely learns; far above, the LR is too high. fastai's `ActivationStats` records activations,
+not updates, and nothing in fastai or timm measures the ratio, so this is ours; the verdict is `health_problems`.
 """
 from __future__ import annotations
 
@@ -41,11 +36,10 @@ def health_problems(row: dict, ratio_range: tuple[float, float] = (1e-5, 1e-1),
                     grad_range: tuple[float, float] = (1e-8, 1e3)) -> list[tuple[str, str]]:
     "The problems one measurement shows, as (kind, message); `row` has group, lr, grad_norm, update_ratio."
     g, r, lr, gn = row["group"], row["update_ratio"], row["lr"], row["grad_norm"]
-    out = []
     if not math.isfinite(gn) or not math.isfinite(r):
-        out.append(("non_finite", f"group {g}: gradient norm {gn} / update ratio {r} is not finite; lower the LR "
-                                  "(or set grad_clip), check the inputs for NaN"))
-        return out
+        return [("non_finite", f"group {g}: gradient norm {gn} / update ratio {r} is not finite; lower the LR "
+                               "(or set grad_clip), check the inputs for NaN")]
+    out = []
     if r > ratio_range[1]:
         out.append(("ratio_high", f"group {g}: update/weight ratio {r:.2e} > {ratio_range[1]:.0e} at lr {lr:.2e}: "
                                   "each step rewrites a large part of the weights; lower the LR (rerun lr_find)"))
@@ -62,8 +56,9 @@ def health_problems(row: dict, ratio_range: tuple[float, float] = (1e-5, 1e-1),
 
 
 class HealthMonitor(Callback):
-    """Measures update/weight ratio, gradient norm and LR per trainable layer group every `every` steps;
-    warns once per problem and group when it lasts `patience` measurements."""
+    """Measures update/weight ratio, gradient norm (before the step) and LR per trainable layer group (its decay and
+    no-decay optimizer groups together) every `every` steps, into `.rows` and `csv_path`; warns once per problem and
+    group (a `HealthWarning`) when it lasts `patience` measurements."""
     order = 80  # after GradientClip (11) and MixedPrecision's unscale: the gradients the optimizer will use
 
     def __init__(self, every: int = 10, csv_path: str | Path | None = None,

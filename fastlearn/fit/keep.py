@@ -1,12 +1,11 @@
 """Keep the best: the weights a run ends with are never clearly worse on validation than a stage end it passed.
 
-Each stage end (the head on cached features included, whose validation accuracy is `auto`'s linear probe) is a
-candidate; so is the final model after EMA/SWA (and the soup). A later candidate replaces the best only when it is
-`clearly_better`: a validation score (the first metric, e.g. accuracy) higher by more than one binomial standard error
-of that validation set, at least one item; without a metric, a lower loss. `better` is the plain order (score, then
-loss, later wins ties). Choosing on the validation set is what fastai's `SaveModelCallback` and the PyTorch tutorial
-do; on a small validation set the plain order keeps whichever candidate was luckiest on those images, which is why
-the margin is there. `StopWhenWorse` is the same rule the other way: an epoch clearly worse ends fine-tuning.
+Each stage end (the head on cached features included: `auto`'s linear probe) and the final model after EMA/SWA (and
+the soup) are candidates. A later one replaces the best only when `clearly_better`: a validation score (the first
+metric) higher by more than one binomial standard error of the validation set, at least one item; without a metric,
+a lower loss. Choosing on the validation set is what fastai's `SaveModelCallback` does; on a small one the plain
+order (`better`) keeps whichever candidate was luckiest on those images, hence the margin. `StopWhenWorse` is the
+same rule the other way: an epoch clearly worse ends fine-tuning.
 """
 from __future__ import annotations
 
@@ -44,9 +43,7 @@ def _key(c: Candidate) -> tuple[float, float]:
 
 def better(a: Candidate, b: Candidate | None) -> bool:
     "True when `a` should replace `b`: a higher score, or the same score and a lower-or-equal validation loss."
-    if b is None:
-        return True
-    return _key(a) >= _key(b)
+    return b is None or _key(a) >= _key(b)
 
 
 def _noise(p: float, n: int) -> float:
@@ -57,10 +54,8 @@ def _noise(p: float, n: int) -> float:
 
 def clearly_better(a: Candidate, b: Candidate | None, n_valid: int | None) -> bool:
     """Whether `a` should replace `b` on a validation set of `n_valid` items: a score higher by more than the noise of
-    that set (one binomial standard error of b's, at least one item); without a metric, a lower loss. A later
-    candidate that is better by an image or two on a small validation set is as likely to be worse on new data, and
-    selecting on the same few images again and again is what inflates validation numbers: the earlier one (the
-    probe first) stays. `n_valid=None` falls back to `better`."""
+    that set (`_noise` of b's); without a metric, a lower loss. A candidate better by an image or two is as likely to
+    be worse on new data, so the earlier one stays. `n_valid=None` falls back to `better`."""
     if b is None or n_valid is None:
         return better(a, b)
     if not (math.isfinite(a.score) and math.isfinite(b.score)):
@@ -109,10 +104,8 @@ class KeepBest:
 
 def clearly_worse(score: float, loss: float, best: Candidate, n_valid: int) -> bool:
     """Whether an epoch's validation (`score`: first metric, `loss`) is worse than `best` beyond the noise of `n_valid`
-    validation items: a higher loss and a score lower by more than one binomial standard error of the best's,
-    sqrt(p (1 - p) / n), and at least one item (1 / n). A dip of an item or two, as mid-way through a one-cycle at its
-    peak LR, is not a reason to stop; the collapse of a stage that unlearns the features is. Without a metric
-    (nan), a higher loss alone."""
+    items: a higher loss and a score lower by more than `_noise` of the best's (without a metric, a higher loss
+    alone). A dip of an item or two at a one-cycle's peak LR is no reason to stop; a stage that unlearns is."""
     if not loss > best.valid_loss:
         return False
     if not (math.isfinite(score) and math.isfinite(best.score)):
@@ -121,13 +114,9 @@ def clearly_worse(score: float, loss: float, best: Candidate, n_valid: int) -> b
 
 
 class StopWhenWorse(Callback):
-    """Validation-guided fine-tuning: after every epoch the epoch's validation is compared with keep-best's best so far;
-    an epoch `clearly_worse` than it stops the fit, so the run goes no further down a stage that is making the model
-    worse (keep-best then puts the best back).
-
-    It raises `CancelFitException` in `after_epoch` before the `Checkpointer` (order 90) saves that epoch: no
-    checkpoint holds a state the run walked away from, and a resume repeats the epoch and decides again. Every
-    epoch's (seconds on the run's `clock`, score) is recorded in `reached` (the time to an accuracy)."""
+    """Validation-guided fine-tuning: an epoch `clearly_worse` than keep-best's best so far stops the fit (keep-best
+    then puts the best back). It stops before the `Checkpointer` (order 90) saves that epoch, so no checkpoint holds
+    a state the run walked away from. Every epoch's (seconds on `clock`, score) goes to `reached`."""
     order = 85  # after Recorder (50), the progress line (65), MetricsLog (66) and HyperTrace (70)
 
     def __init__(self, keep: KeepBest | None, clock, enabled: bool = True):

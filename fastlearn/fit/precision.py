@@ -1,13 +1,10 @@
-"""Speed switches: mixed precision, TF32, channels_last and torch.compile, as pure policies plus the
-callbacks that apply them.
+"""Speed switches: mixed precision, TF32, channels_last and torch.compile, as pure policies plus the callbacks that
+apply them.
 
-Mixed precision is fastai's `MixedPrecision` (torch.amp autocast + GradScaler). It autocasts on
-'cuda' only, so asking for bf16/fp16 on another device is an error here rather than a silent fp32
-run. Order of the `before_step` work (read in fastai/callback/fp16.py and training.py, 2.8.12):
-`MixedPrecision` (order 10) calls `GradScaler.step(self)`, which unscales the gradients in place
-and raises `CancelStepException` when they hold inf/NaN; `GradientClip` (order 11) runs after it,
-so it clips the unscaled gradients, and on a skipped step it does not run at all. fastai does not
-report skipped steps; `SkippedSteps` counts them and says so once per fit.
+Mixed precision is fastai's `MixedPrecision` (torch.amp autocast + GradScaler), which autocasts on 'cuda' only, so
+bf16/fp16 on another device is an error rather than a silent fp32 run. Its `GradScaler.step` (order 10) unscales the
+gradients and cancels a step whose gradients hold inf/NaN; `GradientClip` (order 11) then clips unscaled gradients,
+and skips cancelled steps. fastai does not report skipped steps; `SkippedSteps` does, once per fit.
 """
 from __future__ import annotations
 
@@ -39,19 +36,14 @@ def _as_device(device) -> torch.device:
 
 
 def choose_precision(requested: str = "auto", device: torch.device | str | None = None) -> Precision:
-    """The precision a run uses on `device` (None: CUDA when available, else CPU).
-
-    auto: bf16 on CUDA where the GPU supports it, fp16 on other CUDA GPUs, fp32 elsewhere.
-    bf16/fp16 off CUDA raise: fastai's `MixedPrecision` autocasts 'cuda' only.
-    """
+    """The precision a run uses on `device` (None: CUDA when available, else CPU). auto: bf16 on CUDA where the GPU
+    supports it, fp16 on other CUDA GPUs, fp32 elsewhere; bf16/fp16 off CUDA raise."""
     if requested not in _REQUESTS:
         raise ValueError(f"precision must be one of {', '.join(_REQUESTS)}, got {requested!r}")
     dev = _as_device(device)
-    if requested == "fp32":
+    if requested == "fp32" or (requested == "auto" and dev.type != "cuda"):
         return "fp32"
     if dev.type != "cuda":
-        if requested == "auto":
-            return "fp32"
         raise ValueError(f"precision={requested!r} needs a CUDA device, but training runs on {dev.type!r} "
                          f"(fastai's MixedPrecision autocasts 'cuda' only); use precision='fp32' or 'auto'")
     bf16_ok = torch.cuda.is_bf16_supported()
@@ -64,20 +56,12 @@ def choose_precision(requested: str = "auto", device: torch.device | str | None 
 
 
 def set_tf32(enabled: bool = True) -> tuple[str, bool]:
-    """Let fp32 matmuls and cuDNN convolutions use TF32 tensor cores (Ampere and newer GPUs).
-
-    Process-wide torch state: returns the previous (matmul precision, cudnn.allow_tf32) so the caller can
-    put it back, as the `TF32` callback does after each fit.
-    """
+    """Let fp32 matmuls and cuDNN convolutions use TF32 tensor cores (Ampere and newer GPUs). Process-wide: returns
+    the previous (matmul precision, cudnn.allow_tf32) for the caller to put back."""
     prev = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
     torch.set_float32_matmul_precision("high" if enabled else "highest")
     torch.backends.cudnn.allow_tf32 = enabled
     return prev
-
-
-def _restore_tf32(prev: tuple[str, bool]) -> None:
-    torch.set_float32_matmul_precision(prev[0])
-    torch.backends.cudnn.allow_tf32 = prev[1]
 
 
 class TF32(Callback):
@@ -88,7 +72,8 @@ class TF32(Callback):
         self._prev = set_tf32(True)
 
     def after_fit(self):
-        _restore_tf32(self._prev)
+        torch.set_float32_matmul_precision(self._prev[0])
+        torch.backends.cudnn.allow_tf32 = self._prev[1]
 
 
 class SkippedSteps(Callback):
@@ -130,10 +115,9 @@ class SkippedSteps(Callback):
 
 
 class LossScaleState(Callback):
-    """Carries fp16's GradScaler state (scale, growth tracker) from one fit to the next and through
-    checkpoints. fastai's `MixedPrecision` makes a new GradScaler (scale 65536) at every fit, so each
-    unfreezing stage, and a run resumed from a checkpoint, would skip steps again to re-learn a scale the
-    run had already found; with this callback the resumed run continues bitwise as the uninterrupted one."""
+    """Carries fp16's GradScaler state from one fit to the next and through checkpoints. fastai's `MixedPrecision`
+    makes a new GradScaler at every fit, so each unfreezing stage and each resume would skip steps to re-learn the
+    scale; with this callback a resumed run continues bitwise as the uninterrupted one."""
     order = MixedPrecision.order + 1  # before_fit runs after MixedPrecision's has made learn.scaler
 
     def __init__(self):
@@ -185,18 +169,13 @@ def precision_callbacks(learn, recipe) -> list[Callback]:
 def resolve_deterministic(value: bool | None, device=None) -> bool:
     """The recipe's `deterministic` on `device` (None: CUDA when available): its value when set; None (auto) is on
     for CPU, where it costs nothing, and off on CUDA, where cuDNN's autotuned kernels are much faster."""
-    if value is not None:
-        return bool(value)
-    return _as_device(device).type != "cuda"
+    return bool(value) if value is not None else _as_device(device).type != "cuda"
 
 
 def set_deterministic(on: bool) -> None:
-    """Process-wide switch, like fastai's `set_seed(reproducible=True)`, which it replaces.
-
-    on: cuDNN picks deterministic kernels without autotuning, and torch uses deterministic algorithms where it
-    has them (warning where it does not: warn_only); with the RNGs in checkpoints a resumed run is bitwise the
-    uninterrupted one. off: cuDNN benchmarks the kernels for each input shape once and keeps the fastest
-    (nondeterministic atomics allowed), so reruns agree only up to float rounding and a resume is not bitwise."""
+    """Process-wide switch, replacing fastai's `set_seed(reproducible=True)`. on: deterministic cuDNN kernels and torch
+    algorithms where torch has them (warning where not), so a resumed run is bitwise the uninterrupted one. off:
+    cuDNN autotunes the fastest kernels, so reruns agree only up to float rounding."""
     on = bool(on)
     if on and torch.cuda.is_available():  # cuBLAS needs a fixed workspace to be deterministic (CUDA >= 10.2)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -233,17 +212,14 @@ def use_channels_last(recipe_value: bool | None, model: torch.nn.Module, device)
     return _as_device(device).type == "cuda" and is_convolutional(model)
 
 
-def _to_channels_last(x):
-    return x.contiguous(memory_format=torch.channels_last) if isinstance(x, torch.Tensor) and x.ndim == 4 else x
-
-
 class ChannelsLastBatch(ChannelsLast):
     """fastai's `ChannelsLast` (model weights to NHWC before fit) that also converts each 4-d input batch,
     so the first convolution does not get a layout conversion per step (fastai converts the model only)."""
     order = 1  # after callbacks that replace the batch (ProgressiveResize -1, MixUp/CutMix 0)
 
     def before_batch(self):
-        self.learn.xb = tuple(_to_channels_last(x) for x in self.xb)
+        self.learn.xb = tuple(x.contiguous(memory_format=torch.channels_last)
+                              if isinstance(x, torch.Tensor) and x.ndim == 4 else x for x in self.xb)
 
 
 # -- torch.compile -------------------------------------------------------------------------------
@@ -256,20 +232,14 @@ def trainable_layer_groups(learn) -> int:
     if gmap is None or opt is None:
         return 1 if gmap is None else gmap.n_layer_groups
     idx = getattr(opt, "frozen_idx", 0)
-    if idx >= len(gmap):
-        return 0
-    return gmap.n_layer_groups - gmap[idx][0]
+    return 0 if idx >= len(gmap) else gmap.n_layer_groups - gmap[idx][0]
 
 
 class CompileAfterUnfreeze(Callback):
-    """torch.compile the model for fits where `final_trainable` layer groups (None: all) are trainable,
-    i.e. the last unfreezing stage only, so earlier stages do not pay a compilation each.
-
-    The module is compiled in place (`nn.Module.compile`), so `learn.model` stays the original module:
-    state_dict keys, layer groups, `freeze_top` and saving are unchanged. fastai PR #3899 (torch 2.0)
-    found compiled models could not be re-frozen; with torch 2.14 dynamo guards on `requires_grad`, so a
-    later freeze recompiles rather than training frozen weights (tests/test_precision.py checks both).
-    """
+    """torch.compile the model for fits where `final_trainable` layer groups (None: all) are trainable, i.e. the last
+    unfreezing stage only, so earlier stages do not pay a compilation each. Compiled in place (`nn.Module.compile`):
+    `learn.model`, its state_dict keys and layer groups stay the same. fastai PR #3899 found compiled models could not
+    be re-frozen; dynamo now guards on `requires_grad`, so a later freeze recompiles (tests/test_precision.py)."""
     order = ChannelsLastBatch.order + 1  # after the weights are in their final memory format
 
     def __init__(self, final_trainable: int | None = None, backend: str = "inductor", mode: str | None = None):

@@ -1,10 +1,8 @@
 """Progressive resizing on the device: low-resolution steps early in the run, full size at the end.
 
-The dataloader loads every image once at the largest size the run needs (max of train `final` and
-`valid_size`); this callback shrinks each training batch on the device after the dataloader, so a
-low-resolution step really costs fewer FLOPs in the model (the loading cost is the same at any size).
-fastai's own progressive resizing rebuilds the DataLoaders between fits, which cannot change the size
-within one one-cycle and re-runs the CPU pipeline; hence this callback.
+The dataloader loads every image at the largest size the run needs; this callback shrinks each training batch on
+the device, so a low-resolution step really costs fewer FLOPs. fastai's own progressive resizing rebuilds the
+DataLoaders between fits, which cannot change the size within one one-cycle and re-runs the CPU pipeline.
 """
 from __future__ import annotations
 
@@ -29,12 +27,8 @@ def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
 
 class ProgressiveResize(Callback):
     """Training batches at `resize_size(pos, start, final, ramp, multiple)`, validation batches at `valid_size`.
-
-    `pos` is the position in the whole run, across all the fits (unfreezing stages) it spans: with
-    `total_steps` (training batches of the whole run) the callback counts batches itself across fits;
-    without it, `pos` falls back to fastai's `learn.pct_train`, the position within the current fit.
-    `sizes` holds the training size of every training batch, in order.
-    """
+    `pos` is the position in the whole run of `total_steps` training batches, across its fits (None: fastai's
+    `pct_train`, within the current fit). `sizes` holds the size of every training batch, in order."""
     order = -1  # before MixUp/CutMix (0): they mix the smaller batch; after ResumeAt (-5) skips finished batches
 
     def __init__(self, start: int, final: int, ramp: tuple[float, float] = (0.0, 0.75), multiple: int = 32,
@@ -59,9 +53,7 @@ class ProgressiveResize(Callback):
 
     def pos(self) -> float:
         "Position in the run in [0, 1]: own batch counter over `total_steps`, else fastai's per-fit pct_train."
-        if self.total_steps is None:
-            return float(self.learn.pct_train)
-        return min(self.step / self.total_steps, 1.0)
+        return float(self.learn.pct_train) if self.total_steps is None else min(self.step / self.total_steps, 1.0)
 
     def size_now(self) -> int:
         "The training resolution at the current position."

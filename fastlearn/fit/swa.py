@@ -1,10 +1,7 @@
 """Stochastic weight averaging (Izmailov et al. 2018) after the last unfreezing stage.
 
-`run_swa` trains a few more epochs at a constant LR, averages the weights at the end of each epoch
-with torch's `AveragedModel`, recomputes the BatchNorm statistics of the average with torch's
-`update_bn`, and keeps whichever of raw and averaged weights has the lower validation loss.
-fastai has no SWA callback; torch's `swa_utils` does the averaging and the BN pass, this module only
-drives them from a fastai fit.
+fastai has no SWA callback; torch's `swa_utils` averages the weights and recomputes the BatchNorm statistics, and
+this module drives them from a fastai fit.
 """
 from __future__ import annotations
 
@@ -39,11 +36,8 @@ class SWA(Callback):
 
 
 def fit_swa(learn, epochs: int, lr: float | Sequence[float] | np.ndarray, cbs=(), mom: float = 0.95) -> torch.nn.Module:
-    """Train `epochs` more epochs at constant `lr` and momentum `mom`; the average of the per-epoch weights,
-    with BatchNorm statistics recomputed over `learn.dls.train` (a copy: `learn.model` keeps the raw weights).
-
-    `lr` is a float or one LR per optimizer group (what `learn.layer_lrs` returns). The trainable groups
-    are left as they are (normally all, after the last stage)."""
+    """Train `epochs` more epochs at constant `lr` (a float or one per optimizer group) and momentum `mom`; returns the
+    average of the per-epoch weights with BatchNorm statistics recomputed (a copy: `learn.model` keeps the raw ones)."""
     if epochs < 1:
         raise ValueError(f"SWA needs at least 1 epoch to average, got {epochs}")
     lrs = np.asarray(lr, dtype=float)
@@ -54,7 +48,6 @@ def fit_swa(learn, epochs: int, lr: float | Sequence[float] | np.ndarray, cbs=()
     # so the SWA epochs do not inherit whatever momentum the last one-cycle left behind
     learn.fit(epochs, cbs=[ParamScheduler(constant_scheds(lrs, mom)), swa] + list(cbs))
     avg = swa.averaged.module
-    # update_bn is no_grad, resets the stats, averages over all batches (momentum None), restores the mode
     update_bn((b[0] for b in learn.dls.train), avg)
     return avg
 
@@ -73,8 +66,8 @@ def keep_better(learn, averaged: torch.nn.Module) -> dict:
 
 
 def run_swa(learn, epochs: int, lr: float | Sequence[float] | np.ndarray, cbs=(), mom: float = 0.95) -> dict:
-    """SWA after normal training: `fit_swa` then `keep_better`; prints and returns both valid losses and
-    which weights were kept. `epochs=0` does nothing and returns {}."""
+    """SWA after normal training: `fit_swa` then `keep_better`; prints and returns both valid losses and which weights
+    were kept. `epochs=0` does nothing and returns {}."""
     if epochs < 0:
         raise ValueError(f"swa_epochs must be >= 0, got {epochs}; use 0 to skip SWA")
     if epochs == 0:

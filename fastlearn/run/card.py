@@ -1,17 +1,11 @@
 """A self-describing run folder: `model.json` says how to rebuild and feed the model (`predict.load_run` reads it).
 
-`model.json` (written last, atomically, at the end of a run) holds everything needed to use the kept weights
-without the training data: the timm architecture, the class names in the order of the model's outputs, the
-validation preprocessing (fastai `Resize` of each image, then /255, `Normalize(mean, std)` and, when the recipe
-evaluates at another size than it loads, an antialiased bilinear resize of the batch to `input_size`), and
-whether the head is multi-label (sigmoid with a per-class threshold) or single-label (softmax).
-
-    run = load_run("runs/digits-20250101-120000")
-    run.predict(["a.png", "b.png"], topk=3)      # [Prediction(source='a.png', labels=('7',), top=...), ...]
-    run.model                                    # the timm model, eval mode, weights loaded
-
-Nothing is unpickled: the model is built by `timm.create_model(arch, pretrained=False)` with a new head and
-its weights are read from `model.safetensors`.
+`model.json`, written last (atomically) at the end of a run, holds everything needed to use the kept weights
+without the training data and without unpickling anything: the timm architecture (built with `pretrained=False`,
+weights from `model.safetensors`), the class names in the order of the model's outputs, the validation
+preprocessing (fastai `Resize` of each image, /255, `Normalize(mean, std)` and, when the recipe evaluates at
+another size than it loads, an antialiased bilinear resize of the batch to `input_size`), and whether the head is
+multi-label (sigmoid with a per-class threshold) or single-label (softmax).
 """
 from __future__ import annotations
 

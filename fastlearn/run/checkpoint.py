@@ -1,15 +1,10 @@
-"""Checkpoints and weights: atomic writes (temp file in the same folder, fsync, os.replace) and safe loads.
+"""Checkpoints: atomic writes (temp file in the same folder, fsync, os.replace) and safe loads.
 
-A run's checkpoints live in `run_dir/checkpoints/`: for each global step `N` a weights file
-`ckpt-N.safetensors` and a state file `ckpt-N.pt` (plain tensors, numbers, strings, lists and dicts
-only, so it loads with `torch.load(weights_only=True)` and no code runs), plus a `latest` pointer
-written last. A checkpoint exists once `latest` names it; a crash or a full disk at any moment leaves
-the previous one intact. The state holds the position in the run plan (stage, epoch within it, batch
-within the epoch), the optimizer, every RNG the run draws from (python, numpy, torch, cuda, and the
-train/valid DataLoaders' own `random.Random`), the recipe and the library version.
-
-`Checkpointer` writes them during `fit`, `ResumeAt` puts a learner back at a saved position, and
-`resume_state(run_dir)` reads and checks the latest one.
+A run's checkpoints live in `run_dir/checkpoints/`: for each global step `N` a weights file `ckpt-N.safetensors`
+and a state file `ckpt-N.pt` of plain data only (it loads with `torch.load(weights_only=True)`: no code runs),
+plus a `latest` pointer written last, so a crash or a full disk at any moment leaves the previous checkpoint
+intact. The state holds the position in the run plan (stage, epoch, batch), the optimizer, every RNG the run
+draws from (the train/valid DataLoaders' own included), the recipe and the library version.
 """
 from __future__ import annotations
 
@@ -90,11 +85,8 @@ def _ckpt_dir(run_dir: str | Path) -> Path:
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     "The state file the `latest` pointer names, or None when the run has no checkpoint yet."
-    d = _ckpt_dir(run_dir)
-    ptr = d / "latest"
-    if not ptr.exists():
-        return None
-    return d / f"{ptr.read_text().strip()}.pt"
+    ptr = _ckpt_dir(run_dir) / "latest"
+    return ptr.parent / f"{ptr.read_text().strip()}.pt" if ptr.exists() else None
 
 
 def read_state(path: str | Path) -> dict:
@@ -147,10 +139,8 @@ class CheckpointState:
             if type(cb).__name__ in cb_states and _has_state(cb):
                 cb.load_state_dict(cb_states[type(cb).__name__])
 
-
     def restore_optimizer(self, learn) -> None:
-        """Load the optimizer state. fastai's `freeze_to` clears it (Learner.freeze_to calls
-        opt.clear_state()), so call this after the stage's freeze, as the interrupted run had it."""
+        "Load the optimizer state. Call it after the stage's freeze: fastai's `freeze_to` clears it."
         if self.state.get("optimizer") is not None:
             # torch puts each state tensor on its parameter's device: move the model to the data's device
             # first (fastai moves it only at the start of fit), or Adam's moments stay on the CPU
@@ -174,8 +164,7 @@ def resume_state(run_dir: str | Path, recipe=None) -> CheckpointState:
                               f"{version!r}; resume it with that version or start a new run")
     if recipe is not None:
         current = recipe.to_dict() if hasattr(recipe, "to_dict") else dict(recipe)
-        diff = recipe_diff(st["recipe"], current)
-        if diff:
+        if diff := recipe_diff(st["recipe"], current):
             raise CheckpointError(f"checkpoint {path} is from a different recipe ({'; '.join(diff)}); "
                                   f"resume with the recipe saved in {Path(run_dir) / 'recipe.toml'} or start a new run")
     p = st["position"]
@@ -234,12 +223,9 @@ def link_in_place(src: str | Path, dst: str | Path) -> bool:
 
 class Checkpointer(Callback):
     """Writes a checkpoint every `every_epochs` epochs, at the end of each stage (fit) and, if `every_steps`,
-    every that many training batches mid-epoch; keeps the last `keep_last` plus the best by valid_loss.
-
-    `stage_index` (position in the run plan) and `extra_state` (a function returning plain data the
-    caller wants back on resume) are set by whoever runs the stages. Callbacks in `learn.cbs` with
-    `state_dict`/`load_state_dict` are saved and restored too.
-    """
+    every that many training batches mid-epoch; keeps the last `keep_last` plus the best by valid_loss. It saves
+    the state of callbacks with `state_dict`/`load_state_dict` and `extra_state()`, plain data the caller wants
+    back on resume; whoever runs the stages sets `stage_index`, the position in the run plan."""
     order = 90  # after Recorder (50), MetricsLog (66) and HyperTrace (70) have recorded the step/epoch
     run_valid = False
 
@@ -299,18 +285,14 @@ class Checkpointer(Callback):
             return None
         step = self.global_step
         name = f"ckpt-{step}"
-        if valid_loss is not None and np.isfinite(valid_loss) and (self.best is None or valid_loss < self.best[0]):
-            best = (float(valid_loss), step)
-        else:
-            best = self.best
+        better = valid_loss is not None and np.isfinite(valid_loss) and (self.best is None or valid_loss < self.best[0])
+        best = (float(valid_loss), step) if better else self.best
         history = [s for s in self.history if s != step] + [step]
         rng = rng_state()
-        if iter:
-            rng["dl_train"], rng["dl_valid"] = self._epoch_rng
-        else:
-            rng["dl_train"], rng["dl_valid"] = self.dls.train.rng.getstate(), self.dls.valid.rng.getstate()
+        rng["dl_train"], rng["dl_valid"] = (self._epoch_rng if iter else
+                                            (self.dls.train.rng.getstate(), self.dls.valid.rng.getstate()))
         rec = getattr(self.learn, "recorder", None)
-        state = {
+        state = plain({
             "position": {"step": step, "stage": self.stage_index, "epoch": epoch, "iter": iter,
                          "stage_epochs": stage_epochs if stage_epochs is not None else self.n_epoch + self._offset()},
             "valid_loss": valid_loss, "best": list(best) if best else None, "history": history,
@@ -323,8 +305,7 @@ class Checkpointer(Callback):
                           if _has_state(cb) and cb is not self},
             "recipe": self.recipe, "version": library_version(),
             "extra": self.extra_state() if self.extra_state else {},
-        }
-        state = plain(state)
+        })
         if rank_distrib() != 0:  # one writer; every rank keeps the same counters
             self.history, self.best = history, best
             return self.dir / f"{name}.pt"
@@ -356,14 +337,11 @@ class Checkpointer(Callback):
 
 class ResumeAt(Callback):
     """Continue a stage from a checkpoint's position: the caller fits the stage's remaining epochs
-    (`stage_epochs - epoch`) with this callback, which keeps fastai's `pct_train` on the whole stage's
-    clock (so the one-cycle LR/momentum per step are those of the uninterrupted run), replays the
-    interrupted epoch's shuffle and skips its finished batches, and puts every RNG back.
-
-    Why not fastai's `fit(start_epoch=...)` (`SkipToEpoch`): it cancels skipped epochs in `before_epoch`,
-    but fastai still fires `after_epoch` for them, so Recorder logs an empty epoch (it breaks per-epoch
-    logs and would write checkpoints for epochs never run), and it cannot resume inside an epoch.
-    """
+    (`stage_epochs - epoch`) with this callback, which keeps fastai's `pct_train` on the whole stage's clock
+    (the one-cycle LR/momentum per step of the uninterrupted run), replays the interrupted epoch's shuffle,
+    skips its finished batches and puts every RNG back. Not fastai's `fit(start_epoch=...)`: it still fires
+    `after_epoch` for the epochs it skips (empty log rows, checkpoints of epochs never run) and cannot resume
+    inside an epoch."""
     order = -5  # after TrainEvalCallback (-10) sets pct_train, before ParamScheduler (60) reads it
     run_valid = False
 

@@ -1,22 +1,20 @@
 """Export a finished run's model: ONNX, TorchScript, or a timm/Hugging Face folder; each checked against PyTorch.
 
-Every export takes the normalised `(N, 3, input_size, input_size)` batch `model.json` describes and returns
-logits (softmax, or sigmoid for multi-label runs, is left to the caller, as in timm). After writing, the
-exported model is run on a random batch of a different size than the one it was traced with and compared
-with the PyTorch model; the largest absolute difference of the logits is returned and printed.
+Every export takes the normalised `(N, 3, input_size, input_size)` batch `model.json` describes and returns logits
+(softmax or sigmoid is left to the caller, as in timm). The exported model is then run on a random batch of another
+size than the one it was traced with; the largest absolute logit difference to PyTorch is returned and printed.
 
-- `onnx`: `torch.onnx.export` with a dynamic batch axis, checked with onnxruntime on the CPU; `model.json` is
-  stored in the ONNX metadata (`fastlearn_model_card`). Needs `pip install 'fastlearn[onnx]'`. The
-  TorchScript-based exporter (`dynamo=False`, opset 17) runs first: it is an order of magnitude faster than the
-  dynamo exporter for the same outputs. It is deprecated since torch 2.9, so where it fails (or is removed) the dynamo exporter
-  (`dynamo=True`, opset 18, needs onnxscript) runs instead; `Exported.exporter` says which wrote the file.
+- `onnx` (`pip install 'fastlearn[onnx]'`): a dynamic batch axis, `model.json` in the ONNX metadata
+  (`fastlearn_model_card`), checked with onnxruntime on the CPU. The TorchScript-based exporter (opset 17), much
+  faster than dynamo, runs first; where it fails or is gone (deprecated since torch 2.9) the dynamo exporter
+  (opset 18, needs onnxscript) runs instead; `Exported.exporter` says which wrote the file.
 - `torchscript`: `torch.jit.trace`, `model.json` stored as the archive's extra file `model.json`.
-- `timm`: timm's own `save_for_hf` layout, `model.safetensors` + `config.json` (`architecture`,
-  `num_classes`, `label_names`, and a `pretrained_cfg` holding the run's input size, mean, std, crop_pct 1.0,
-  bilinear). Load it offline with `timm.create_model("local-dir:FOLDER", pretrained=True)`, or with
-  `timm.create_model(arch, pretrained=True, num_classes=N, pretrained_cfg_overlay={**cfg["pretrained_cfg"],
-  "file": "FOLDER/model.safetensors"})`: the overlay needs `num_classes` (in `cfg["pretrained_cfg"]`), or
-  timm drops the classifier weights because the architecture's default cfg says 1000 classes.
+- `timm`: timm's own `save_for_hf` layout, `model.safetensors` + `config.json` (`architecture`, `num_classes`,
+  `label_names`, and a `pretrained_cfg` holding the run's input size, mean, std, crop_pct 1.0, bilinear). Load it
+  offline with `timm.create_model("local-dir:FOLDER", pretrained=True)`, or with `timm.create_model(arch,
+  pretrained=True, num_classes=N, pretrained_cfg_overlay={**cfg["pretrained_cfg"], "file":
+  "FOLDER/model.safetensors"})`: without `num_classes` timm drops the classifier weights (the architecture's
+  default cfg says 1000 classes).
 """
 from __future__ import annotations
 
@@ -88,23 +86,21 @@ def export_onnx(model: torch.nn.Module, card: dict, path: str | Path) -> Exporte
     def write(tmp: Path) -> None:
         example = _check_batch(card, n=2, seed=1)
         names = dict(input_names=["input"], output_names=["logits"])
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # its deprecation notice (torch >= 2.9) and tracer notes
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the deprecation notice (torch >= 2.9) and tracer notes
+            try:
                 torch.onnx.export(model, (example,), str(tmp), dynamo=False, opset_version=17,
                                   dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **names)
-            used.append("torchscript")
-        except Exception as first:  # an op it cannot trace, or a torch without it: the dynamo exporter
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
+                used.append("torchscript")
+            except Exception as first:  # an op it cannot trace, or a torch without it: the dynamo exporter
+                try:
                     torch.onnx.export(model, (example,), str(tmp), dynamo=True, opset_version=18, verbose=False,
                                       external_data=False, dynamic_shapes=({0: torch.export.Dim("batch")},), **names)
-                used.append("dynamo")
-            except Exception as e:
-                raise ExportError(f"torch.onnx.export failed for {card['arch']!r} with both exporters (torchscript: "
-                                  f"{type(first).__name__}: {_first_line(first)}; dynamo: "
-                                  f"{type(e).__name__}: {_first_line(e)})") from e
+                    used.append("dynamo")
+                except Exception as e:
+                    raise ExportError(f"torch.onnx.export failed for {card['arch']!r} with both exporters "
+                                      f"(torchscript: {type(first).__name__}: {_first_line(first)}; dynamo: "
+                                      f"{type(e).__name__}: {_first_line(e)})") from e
         m = onnx.load(str(tmp))
         onnx.helper.set_model_props(m, {"fastlearn_model_card": json.dumps(card)})
         onnx.save(m, str(tmp))

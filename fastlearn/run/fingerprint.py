@@ -3,11 +3,9 @@
     {"root": "/abs/path", "layout": "train_valid", "classes": [...vocab order], "counts": {split: {class: n}},
      "n_images": 1797, "hash": sha256 over the sorted (relative path, size) list}
 
-The hash reads no file contents (a stat per file): cheap next to the decode check that `check_image_folder`
-already makes of every image, and it still changes when a file is added, removed, renamed, moved to another
-class or resized. `files_hash` takes plain (relative path, size) pairs so that other label sources (a CSV of
-filename,label) can build the same record. DataLoaders not built by `image_dls` have no folder report: the
-record then holds what is known (classes when the DataLoaders have a vocab, item counts) and says so.
+The hash reads no file contents (a stat per file, cheap next to the decode check of every image), yet changes
+when a file is added, removed, renamed, moved to another class or resized. DataLoaders not built by `image_dls`
+have no folder report: the record then holds what is known (classes when they have a vocab, item counts).
 """
 from __future__ import annotations
 
@@ -126,6 +124,8 @@ def record_data(dls, run_dir: str | Path, resume: bool = False, accept_change: b
     saved = json.loads(path.read_text())
     diff = data_diff(saved, current)
     moved = saved.get("root") != current.get("root")
+    older = {k: v for k, v in saved.items() if k != "previous"}
+    with_previous = {**current, "previous": saved.get("previous", []) + [older]}  # what an accepted change writes
     if not diff:
         if bool(saved.get("hash")) != bool(current.get("hash")) and main:
             _note(f"{path} and this resume do not both come from an image folder: only the classes and counts "
@@ -133,7 +133,7 @@ def record_data(dls, run_dir: str | Path, resume: bool = False, accept_change: b
         elif moved and main:
             _note(f"data folder moved: {saved.get('root')} -> {current.get('root')} (same classes, counts and files); "
                   f"recorded in {path}")
-            _write(run_dir, {**current, "previous": saved.get("previous", []) + [_drop_previous(saved)]})
+            _write(run_dir, with_previous)
         return current
     what = "; ".join(([f"folder {saved.get('root')} -> {current.get('root')}"] if moved else []) + diff)
     if not accept_change:
@@ -142,9 +142,5 @@ def record_data(dls, run_dir: str | Path, resume: bool = False, accept_change: b
                                f"with this data anyway, or start a new run")
     if main:
         _note(f"warning: resuming {run_dir} on changed data ({what}), accepted; the new data is recorded in {path}")
-        _write(run_dir, {**current, "previous": saved.get("previous", []) + [_drop_previous(saved)]})
+        _write(run_dir, with_previous)
     return current
-
-
-def _drop_previous(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k != "previous"}

@@ -1,16 +1,9 @@
 """What the model gets wrong, at the end of a run: confusion matrix, top losses, per-class precision/recall/F1.
 
 One `get_preds` over the validation set (with per-item losses) feeds everything: fastai's
-`ClassificationInterpretation` ranks the top losses (built from those losses, not `from_learner`, whose
-`confusion_matrix()` would run the validation set again), scikit-learn computes the confusion matrix and
-`precision_recall_fscore_support`. The PNGs are drawn on matplotlib `Figure`s (fastai's `plot_*` methods
-use pyplot, which would switch a notebook's backend):
-
-- `confusion_matrix.png`: actual class (rows) by predicted class (columns), counts in the cells;
-- `top_losses.png`: the validation images with the highest loss, each titled predicted / actual / loss and
-  the probability of each; multi-label runs list the classes over the threshold.
-
-`summary.json` gains `per_class` ({class: {precision, recall, f1, support}}), and the same table is printed.
+`ClassificationInterpretation` is built from those losses, not `from_learner`, which would run the validation set
+again. The PNGs (`confusion_matrix.png`, `top_losses.png`) are drawn on matplotlib `Figure`s, since fastai's
+`plot_*` methods use pyplot, which would switch a notebook's backend. `summary.json` gains `per_class`.
 """
 from __future__ import annotations
 
@@ -131,7 +124,7 @@ def plot_top_losses(interp: Interpretation, path: str | Path, k: int = 9) -> Pat
         return None
     cols = min(3, k)
     rows = (k + cols - 1) // cols
-    # one axes showing a mosaic: matplotlib spends ~40 ms setting up each axes, the mosaic costs one
+    # one axes showing a mosaic: matplotlib's setup cost is per axes
     h, w = images[0].shape[:2]
     cell_in = 2.4  # inches per image: three 8-pt caption lines take about 0.5 in above each
     gap, band = max(2, w // 16), int(np.ceil(0.55 / cell_in * w))  # pixels between images, above each for captions

@@ -1,18 +1,13 @@
 """Experiment loggers as a recipe key: `loggers = ["tensorboard", "mlflow", "wandb"]`.
 
-Each logger sends exactly the rows `training.MetricsLog` writes to metrics.csv (stage, epoch, train/valid
-loss, metrics, seconds), one per epoch at step = the run's epoch (it keeps increasing over the unfreezing
-stages, which `run_recipe` fits one by one), plus the resolved recipe as parameters. Logs stay inside the
-run folder: `tensorboard/`, `mlruns/` (MLflow file store), `wandb/` (offline unless WANDB_MODE says
-otherwise). "csv" names metrics.csv itself, which is always written. Only the main process logs.
+Each logger sends exactly the rows `MetricsLog` writes to metrics.csv, one per epoch at step = the run's epoch
+(which keeps increasing over the stages), plus the resolved recipe as parameters. Logs stay inside the run folder:
+`tensorboard/`, `mlruns/` (MLflow file store), `wandb/` (offline unless WANDB_MODE says otherwise). "csv" names
+metrics.csv itself, which is always written. Only the main process logs.
 
-fastai's own callbacks were checked and are not used, because they log something else than metrics.csv:
-`TensorBoardCallback` and `WandbCallback` log per batch at `learn.train_iter`, which restarts at 0 on every
-`fit` (so each stage would overwrite the previous stage's steps); `TensorBoardCallback` leaves out the
-epoch's train loss, closes its writer after each fit and, by default, traces the model graph and draws
-prediction images every epoch; `WandbCallback` needs the caller to `wandb.init`, logs the learner's
-`gather_args` rather than the recipe, and imports fastai's tabular and text packages. fastai has no MLflow
-callback. So each tool gets a thin callback over its own writer: `SummaryWriter`, `MlflowClient`, `wandb.Run`.
+Not fastai's callbacks: they log per batch at `learn.train_iter`, which restarts on every `fit` (each stage would
+overwrite the last), `WandbCallback` logs `gather_args` rather than the recipe, and there is no MLflow one. So each
+tool gets a thin callback over its own writer: `SummaryWriter`, `MlflowClient`, `wandb.Run`.
 """
 from __future__ import annotations
 
@@ -25,7 +20,6 @@ from fastai.callback.core import Callback
 
 from ..base.errors import MissingExtraError
 from ..base.extras import require
-from ..base.progress import epoch_metrics
 from ..base.ranks import is_main_process
 from ..core.recipes import check_logger_names, LOGGERS
 from .records import MetricsLog
@@ -40,12 +34,7 @@ _NEEDS = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "mlflow": (
 _PROSE = ("description", "source", "expected")  # recipe text, not parameters
 
 
-MissingDependencyError = MissingExtraError  # the name this module used first; one error class for every extra
-
-
-def _require(module: str, extra: str, what: str):
-    "Import optional `module`, or raise one line naming the fastlearn extra that installs it."
-    return require(module, extra, what)
+MissingDependencyError = MissingExtraError  # an alias: one error class for every extra
 
 
 def check_loggers(names) -> None:
@@ -53,7 +42,7 @@ def check_loggers(names) -> None:
     check_logger_names(names)
     for n in names:
         if n in _NEEDS:
-            _require(*_NEEDS[n], what=f"the {n} logger (recipe key loggers = {list(names)!r})")
+            require(*_NEEDS[n], f"the {n} logger (recipe key loggers = {list(names)!r})")
 
 
 def logger_callbacks(recipe, run_dir: str | Path) -> list[Callback]:
@@ -72,22 +61,15 @@ def _numbers(row: dict) -> dict[str, float]:
 
 def _params(recipe) -> dict:
     "Recipe keys as flat scalars for a tool's parameter table: None as 'none', lists as JSON text."
-    out = {}
-    for k, v in recipe.to_dict().items():
-        if k in _PROSE:
-            continue
-        out[k] = "none" if v is None else json.dumps(list(v)) if isinstance(v, (list, tuple)) else v
-    return out
+    return {k: "none" if v is None else json.dumps(list(v)) if isinstance(v, (list, tuple)) else v
+            for k, v in recipe.to_dict().items() if k not in _PROSE}
 
 
 class EpochLogger(Callback):
-    """Base of the loggers: hands each new metrics.csv row to `log_row`; subclasses implement `open`,
-    `log_row` and `close` with their tool's own writer.
-
-    The rows come from the run's `MetricsLog` (found among the learner's callbacks during a fit), so a
-    logger sees the same numbers as metrics.csv; rows a resumed run brings back were logged by the run that
-    wrote them. Epochs trained outside the logger's fits (SWA) are sent by `finish`, which `run_recipe`
-    calls at the end. Without a MetricsLog (a plain `learn.fit(..., cbs=[logger])`) it builds the rows itself."""
+    """Base of the loggers: hands each new row of the fit's `MetricsLog` to `log_row` (the rows a resumed run brings
+    back were logged by the process that wrote them); subclasses implement `open`, `log_row` and `close` with their
+    tool's own writer. `finish` (run_recipe calls it at the end) sends the epochs trained outside the logger's fits
+    (SWA). Without a MetricsLog (a plain `learn.fit(..., cbs=[logger])`) it builds the rows itself."""
     order = 67  # after MetricsLog (66) has appended this epoch's row
     quiet_in_lr_find = True
 
@@ -115,10 +97,7 @@ class EpochLogger(Callback):
 
     def after_epoch(self):
         if self._source is None:  # no MetricsLog in this fit: the same row it would write
-            row = {"stage": "", "epoch": len(self._own) + 1}
-            row.update({n: float(v) for n, v in epoch_metrics(self.learn.recorder).items()})
-            row["seconds"] = round(time.perf_counter() - self._t0, 3)
-            self._own.append(row)
+            self._own.append(MetricsLog.epoch_row(self.learn, "", len(self._own) + 1, self._t0))
         self._send_new()
 
     def after_fit(self):

@@ -1,15 +1,9 @@
 """Predict with a finished run: images in (files, folders, globs, PIL images), top-k classes with probabilities out.
 
-Images are prepared exactly as the run's validation set was (fastai `Resize` of the item, its centre crop,
-`/255`, `Normalize(mean, std)`, and the device-side resize to `input_size` when the recipe evaluated at another
-size than it loaded), in batches, on the GPU when there is one. `tests/test_predict.py` checks the
-probabilities against fastai's `learn.get_preds` on the validation set.
-
-Test-time augmentation (`tta=True`) averages the probabilities over deterministic views made from the
-augmentations the run trained with: the image itself, its horizontal mirror (only if the recipe trained with
-`flip`; never for digits or text), and a 1.1x centre zoom (fastai's default `max_zoom`). fastai's own
-`Learner.tta` draws random training augmentations instead and needs the training DataLoaders, which a run
-folder does not have.
+Images are prepared exactly as the run's validation set was (as `model.json` describes), in batches, on the GPU
+when there is one. Test-time augmentation (`tta=True`) averages the probabilities over deterministic views the run
+trained for: the image, its mirror (only if the recipe trained with `flip`) and a centre zoom. Not fastai's
+`Learner.tta`: it draws random training augmentations and needs the training DataLoaders, which a run folder lacks.
 
     fastlearn predict runs/digits-1 scans/ --topk 3 --csv predictions.csv
 """
@@ -240,6 +234,7 @@ def predict_main(run_dir: str | Path, images: Sequence[str], topk: int = 3, bs: 
         c.print(f"wrote {len(preds)} predictions to {csv_path}{more}")
     return 0
 
+
 class Run:
     "A finished run loaded from its folder: the model (eval mode) and what is needed to feed it images."
 
@@ -293,9 +288,7 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> R
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise RunFolderError(f"{weights} does not fit {card['arch']!r} with {card['n_classes']} outputs as "
                              f"{MODEL_CARD} says ({first}); the folder mixes files of different runs") from None
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r}: this torch sees no CUDA device; pass device='cpu' (--device cpu)")
     return Run(run_dir, card, model.to(device).eval(), read_recipe(run_dir), device)

@@ -7,6 +7,7 @@ import csv
 import platform
 import subprocess
 import time
+from collections import Counter
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -44,10 +45,8 @@ class HyperTrace(Callback):
         "Write the pending losses into their rows, read from the device in one transfer."
         if self._pending:
             losses = [t for _, t in self._pending]
-            if len({(t.device, t.dtype) for t in losses}) == 1:
-                vals = torch.stack(losses).tolist()
-            else:
-                vals = [float(t) for t in losses]
+            vals = torch.stack(losses).tolist() if len({(t.device, t.dtype) for t in losses}) == 1 else \
+                [float(t) for t in losses]
             for (row, _), v in zip(self._pending, vals):
                 row["loss"] = v
             self._pending = []
@@ -79,11 +78,14 @@ class MetricsLog(Callback):
     def before_epoch(self):
         self._t = time.perf_counter()
 
+    @staticmethod
+    def epoch_row(learn, stage: str, epoch: int, t0: float) -> dict:
+        "A metrics.csv row: the stage, the epoch, the recorder's losses and metrics, the seconds since `t0`."
+        return {"stage": stage, "epoch": epoch, **{n: float(v) for n, v in epoch_metrics(learn.recorder).items()},
+                "seconds": round(time.perf_counter() - t0, 3)}
+
     def after_epoch(self):
-        row = {"stage": self.stage, "epoch": len(self.rows) + 1}
-        row.update({n: float(v) for n, v in epoch_metrics(self.learn.recorder).items()})
-        row["seconds"] = round(time.perf_counter() - self._t, 3)
-        self.rows.append(row)
+        self.rows.append(self.epoch_row(self.learn, self.stage, len(self.rows) + 1, self._t))
         if not self.write:
             return
         keys = list(dict.fromkeys(k for r in self.rows for k in r))
@@ -133,25 +135,20 @@ def environment(seed: int) -> dict:
 
 def _epoch_end_steps(trace_rows: list[dict], epoch_rows: list[dict]) -> list[float]:
     "The optimizer step at which each logged epoch ended: stages differ in steps per epoch (the head on features)."
-    steps_of, first_of = {}, {}
-    for r in trace_rows:
-        steps_of[r["stage"]] = steps_of.get(r["stage"], 0) + 1
-        first_of.setdefault(r["stage"], r["step"])
-    epochs_of: dict[str, int] = {}
-    for r in epoch_rows:
-        epochs_of[r["stage"]] = epochs_of.get(r["stage"], 0) + 1
-    out, seen = [], {}
+    steps_of, epochs_of = Counter(r["stage"] for r in trace_rows), Counter(r["stage"] for r in epoch_rows)
+    first_of = {r["stage"]: r["step"] for r in reversed(trace_rows)}  # each stage's first step
+    out, seen = [], Counter()
     for r in epoch_rows:
         st = r["stage"]
-        seen[st] = seen.get(st, 0) + 1
-        per = steps_of.get(st, 0) / max(1, epochs_of[st])
+        seen[st] += 1
+        per = steps_of[st] / max(1, epochs_of[st])
         out.append(first_of.get(st, out[-1] if out else 0) + per * seen[st])
     return out
 
 
 def plot_run(trace_rows: list[dict], epoch_rows: list[dict], out: Path) -> None:
     "loss.png (training loss per step, validation loss per epoch) and schedule.png (LR and momentum)."
-    from matplotlib.figure import Figure  # heavy (~0.3 s), only for the two plots; no pyplot: never switches the user's backend
+    from matplotlib.figure import Figure  # heavy, only for the two plots; no pyplot: never switches the user's backend
     if not trace_rows:
         return
     steps = [r["step"] for r in trace_rows]
@@ -173,6 +170,7 @@ def plot_run(trace_rows: list[dict], epoch_rows: list[dict], out: Path) -> None:
     a2.set_ylabel("momentum / beta1"); a2.set_xlabel("optimizer step")
     fig.suptitle("one-cycle schedule per stage"); fig.tight_layout()
     fig.savefig(out / "schedule.png", dpi=100)
+
 
 def score_key(stage: dict) -> str:
     "The first metric's name in a stage row (after the losses)."

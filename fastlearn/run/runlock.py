@@ -1,13 +1,10 @@
 """One writer per run folder: `run.lock`, held while a process trains or resumes in the folder.
 
 The lock is `fcntl.flock` on `run_dir/run.lock`: the kernel releases it when its holder ends, however it ends
-(a SIGKILL, an out-of-memory kill), so a crashed run never blocks the next one. The file also holds who took
-it (pid, host, start time, command) for the message a second process gets, and for the one-line note when a
-process takes over the lock a dead one left behind. Released at the end (the file is removed), on exceptions
-and on interrupts too. Under DDP only rank 0 locks; every rank gets its outcome.
-
-Filesystems without flock (some network or FUSE mounts answer ENOLCK/EOPNOTSUPP) fall back to creating the
-file exclusively; a dead holder is then recognised by its pid, on this host only.
+(SIGKILL, an out-of-memory kill), so a crashed run never blocks the next one. The file says who holds it (pid,
+host, start time, command) for the message a second process gets. Under DDP only rank 0 locks; every rank gets
+its outcome. Filesystems without flock (some network or FUSE mounts) fall back to creating the file exclusively;
+a dead holder is then recognised by its pid, on this host only.
 """
 from __future__ import annotations
 

@@ -2,13 +2,10 @@
 
 `learn.fit_preset("digits")` on the user's own learner trains with the learner's model, optimizer, weight
 decay, loss and DataLoaders; only the schedule (lr_find, stages, LRs, callbacks) comes from the recipe.
-`reconcile` compares the two on the keys a learner fixes when it is built (arch, opt, lookahead, wd,
-wd_norm_bias, loss, label_smoothing, focal_gamma, image size, bs), warns once listing each difference, and
-returns the recipe with the learner's values, so the run folder's `recipe.toml` records what ran and the
-LR scaling (`lr_ref_bs`) uses the batch size that runs. It raises only where the run cannot do what the
-recipe says: images smaller than the sizes the recipe resizes them to on the device, or a learner without
-fastlearn's layer groups. Keys a learner does not expose (pretrained, dropout, augmentation, the split)
-are taken from the recipe as they are.
+`reconcile` compares the two on the keys a learner fixes when it is built, warns once listing each difference,
+and returns the recipe with the learner's values, so `recipe.toml` records what ran and the LR scaling
+(`lr_ref_bs`) uses the batch size that runs. Keys a learner does not expose (pretrained, dropout, augmentation,
+the split) are taken from the recipe as they are.
 """
 from __future__ import annotations
 
@@ -132,11 +129,8 @@ def _same(a, b) -> bool:
 
 
 def differences(settings: dict, r: Recipe) -> list[Difference]:
-    """Each recipe key on which `settings` (from `learner_settings`) differs from `r`.
-
-    Raises `RecipeMismatchError` where the run cannot honour the recipe: the recipe resizes images on the
-    device (progressive resizing, or a validation size other than the training size) to sizes larger than the
-    images the DataLoaders yield, which would upsample them."""
+    """Each recipe key on which `settings` (from `learner_settings`) differs from `r`. `RecipeMismatchError` where
+    the recipe resizes batches on the device to sizes larger than the images the DataLoaders yield."""
     out = []
     for key in ("arch", "opt", "lookahead", "wd", "wd_norm_bias", "loss", "label_smoothing", "bs"):
         if key == "bs" and r.bs is None:  # the recipe derives it from the data: whatever the learner has runs
@@ -144,8 +138,8 @@ def differences(settings: dict, r: Recipe) -> list[Difference]:
         if key in settings and not _same(settings[key], getattr(r, key)):
             v = settings[key]
             out.append(Difference(key, getattr(r, key), v, not (isinstance(v, str) and v.startswith("<"))))
-    if settings.get("loss") == "focal" and "focal_gamma" in settings and not _same(settings["focal_gamma"],
-                                                                                    r.focal_gamma):
+    if settings.get("loss") == "focal" and "focal_gamma" in settings and \
+            not _same(settings["focal_gamma"], r.focal_gamma):
         out.append(Difference("focal_gamma", r.focal_gamma, settings["focal_gamma"]))
     size = settings.get("size")
     if size is not None:
@@ -191,15 +185,14 @@ def _caller_stacklevel() -> int:
 
 def reconcile(learn, r: Recipe, warn: bool = True) -> Recipe:
     """The recipe of what will run when `r` runs on `learn`: the learner's values where they differ (with one
-    `LearnerRecipeWarning` listing each difference); `r` itself when nothing differs. Raises
-    `RecipeMismatchError` where the run cannot honour the recipe (see `differences`)."""
+    `LearnerRecipeWarning` listing each difference). `RecipeMismatchError` where the run cannot honour the recipe:
+    a learner without fastlearn's layer groups, or images the recipe would upsample (see `differences`)."""
     if not all(hasattr(learn, a) for a in ("n_layer_groups", "freeze_top", "fit_stage")):
         raise RecipeMismatchError(f"a recipe runs on a fastlearn TransferLearner (layer groups, stages), not on "
                                   f"{type(learn).__name__}; build it with transfer_learner(dls, arch)")
     diffs = differences(learner_settings(learn), r)
-    if diffs and warn:
-        if is_main_process():
-            lines = "\n".join(f"  {d}" for d in diffs)
-            warnings.warn(f"recipe {r.name!r} runs with this learner's own settings where they differ; "
-                          f"recipe.toml records them:\n{lines}", LearnerRecipeWarning, stacklevel=_caller_stacklevel())
+    if diffs and warn and is_main_process():
+        lines = "\n".join(f"  {d}" for d in diffs)
+        warnings.warn(f"recipe {r.name!r} runs with this learner's own settings where they differ; "
+                      f"recipe.toml records them:\n{lines}", LearnerRecipeWarning, stacklevel=_caller_stacklevel())
     return _as_run(r, diffs)

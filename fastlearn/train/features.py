@@ -3,10 +3,9 @@ its BatchNorm-shift measure all read them instead of running the body again.
 
 With a pretrained body frozen, the head sees the same pooled features for an image in every epoch (eval mode,
 validation transforms), so training the head on cached features costs one forward pass over the data instead of
-one per epoch, and a few hundred head steps (or a 100-step LR sweep) cost milliseconds. This is the first half of
-LP-FT (Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features and Underperform Out-of-Distribution"): a
-well-trained linear head before the body is unfrozen, so fine-tuning starts from a good solution instead of
-pushing gradients from a random head into the pretrained features.
+one per epoch. This is the first half of LP-FT (Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features
+and Underperform Out-of-Distribution"): a well-trained linear head before the body is unfrozen, so fine-tuning
+starts from a good solution instead of pushing gradients from a random head into the pretrained features.
 """
 from __future__ import annotations
 
@@ -90,15 +89,12 @@ def supports_feature_head(model: nn.Module, size: int = 32) -> bool:
 def extract_features(learn, bs: int = 64, max_train: int | None = None, seed: int = 0,
                      adapt_bn_above: float | None = None) -> FeatureCache:
     """One pass of the frozen body over the training and validation images, in eval mode with the validation
-    transforms (no augmentation), without gradients; also the BatchNorm-statistics shift on the training images.
+    transforms, without gradients; also the BatchNorm-statistics shift on the training images.
 
     For images far from the pretraining data (a shift above `adapt_bn_above`) the BN running statistics are
-    re-estimated on the training images (AdaBN: one pass, BN layers alone in train mode), the features computed
-    again with them, and the model keeps those statistics: the head is fitted under the statistics fine-tuning
-    starts from (the recipe's `ft_bn` says whether fine-tuning then updates them; bench/real_data.py measures both).
-    Else the model's weights, BN statistics and train/eval mode are left as they were; the global random states
-    always are. `max_train` caps the training images (a seeded random
-    subset) for very large data sets."""
+    re-estimated on the training images (AdaBN), the features computed again with them, and the model keeps those
+    statistics: the head is fitted under the statistics fine-tuning starts from. Else the model is left as it was;
+    the global random states always are. `max_train` caps the training images (a seeded random subset)."""
     t0 = time.perf_counter()
     dls = learn.dls
     if len(dls.train_ds) == 0 or len(dls.valid_ds) == 0:
@@ -170,7 +166,6 @@ class BNShift:
 
     def __init__(self, model: nn.Module):
         self.layers = [m for m in bn_layers(model).values() if m.track_running_stats and m.running_mean is not None]
-
         self.sums: dict[int, torch.Tensor] = {}
         self.counts: dict[int, int] = {}
         self.handles = []

@@ -7,14 +7,13 @@ raise `TrainingInterrupted` naming it and how to resume.
 - Inside a training fit that has a `Checkpointer`, the first signal only sets a flag. `StopOnSignal` sees it at
   the next training batch boundary, writes a mid-epoch checkpoint there (at an epoch's last batch: after that
   epoch's validation, an epoch-boundary one) and stops the fit; a resume from it is exact.
-- Outside such a fit (lr_find, between stages, the final validation) there is no boundary to wait for: the
-  signal stops the run at once, and the latest checkpoint stays as it is.
+- Outside such a fit (lr_find, between stages, the final validation) the signal stops the run at once, and the
+  latest checkpoint stays as it is.
 - A second signal more than `REPEAT_S` after the first stops at once, even mid-write: checkpoint writes are
-  atomic (temp file, then rename), so the previous checkpoint survives and the temp file is removed. Signals
-  closer together count as one request: a scheduler signals every process of a job and torchrun forwards the
-  signal to its workers as well.
-- Under DDP every rank agrees on the flag at each batch boundary (one all-reduce of one integer), so all ranks
-  stop at the same batch; rank 0 writes the checkpoint while the others wait at a barrier.
+  atomic, so the previous checkpoint survives. Signals closer together count as one request: a scheduler
+  signals every process of a job and torchrun forwards the signal to its workers as well.
+- Under DDP every rank agrees on the flag at each batch boundary, so all ranks stop at the same batch; rank 0
+  writes the checkpoint while the others wait at a barrier.
 - Python installs signal handlers only on the main thread: elsewhere the guard does nothing. A signal the
   process was started ignoring (nohup, a background job) stays ignored.
 """
@@ -85,9 +84,8 @@ def _restore(previous: dict) -> None:
 
 @contextmanager
 def interrupt_guard(run_dir: str | Path):
-    """Handle SIGINT/SIGTERM inside the block as described in the module docstring; `TrainingInterrupted` comes
-    out of it. The previous handlers are back when the block ends, however it ends. Re-entrant: an inner guard
-    leaves everything to the outer one."""
+    """Handle SIGINT/SIGTERM inside the block as the module docstring says; `TrainingInterrupted` comes out of it.
+    The previous handlers are back when the block ends, however it ends; an inner guard leaves all to the outer."""
     global _active
     if _active is not None or threading.current_thread() is not threading.main_thread():
         yield None
@@ -146,8 +144,7 @@ class StopOnSignal(Callback):
 
     def _clock(self) -> tuple[int, int]:
         "Epochs of the stage done before this fit (after a resume) and the stage's epochs in all."
-        r = getattr(self.learn, "resume_at", None)
-        off = r.epoch_offset if r is not None else 0
+        off = self.learn.checkpointer._offset()
         return off, self.n_epoch + off
 
     def _stage(self) -> str:

@@ -1,9 +1,8 @@
 """`TransferLearner`: a fastai `Learner` that knows the model's timm layer groups.
 
-It adds (never shadows) a few methods: `freeze_top`, `layer_lrs`, `fit_stage`, `find_lr`, `fit_preset`.
-fastai's own `lr_find`, `fit_one_cycle`, `freeze_to` stay as fastai wrote them: `fit_stage` calls
-fastai's `ParamScheduler` with our closed-form schedules (fastai's `combined_cos` rounds the phase
-boundary to float32; see tests/test_schedules.py).
+It adds methods (`freeze_top`, `layer_lrs`, `fit_stage`, `find_lr`, `fit_preset`) and shadows none of fastai's.
+`fit_stage` runs fastai's `ParamScheduler` on closed-form schedules (fastai's `combined_cos` rounds the phase
+boundary to float32).
 """
 from __future__ import annotations
 
@@ -55,12 +54,10 @@ class TransferLearner(LeanLearner):
         return self.group_map.n_layer_groups
 
     def freeze_top(self, k: int, train_bn: bool | None = None) -> None:
-        """Train only the top `k` layer groups (k=1: the head; -1: all). With `train_bn` (fastai's default, and
-        this learner's until told otherwise) the BatchNorm layers in frozen groups keep training: their affine
-        weights and running statistics adapt to the new data, everything else in a frozen group stays bitwise
-        unchanged. `train_bn=False` freezes their affine weights too (the running statistics still follow the
-        data in train mode), so the backward pass stops at the lowest trainable group and a partly frozen step costs
-        less (with fastai's train_bn it costs as much as a fully trainable one)."""
+        """Train only the top `k` layer groups (k=1: the head; -1: all). With `train_bn` (fastai's default, and this
+        learner's until told otherwise) the BatchNorm layers of frozen groups keep training their affine weights and
+        running statistics. `train_bn=False` freezes their affine weights too (the running statistics still follow
+        the data in train mode), so the backward pass stops at the lowest trainable group: a cheaper step."""
         n = self.n_layer_groups
         k = n if k in (-1, None) else k
         if not 1 <= k <= n:
@@ -95,10 +92,9 @@ class TransferLearner(LeanLearner):
 
     def fit_preset(self, recipe="transfer", run_dir: str | Path | None = None, cbs=None, **overrides):
         """Run a named recipe (or a `Recipe`) on this learner: lr_find, head, gradual unfreezing; returns a `RunResult`.
-
-        The learner's own arch, optimizer, weight decay, loss, image size and batch size are used where they
-        differ from the recipe (one warning lists them; recipe.toml records them: fastlearn/compat.py).
-        `cbs`: extra fastai callbacks for the training stages, as `fit(cbs=...)`."""
+        The learner's own arch, optimizer, weight decay, loss, image size and batch size are used where they differ
+        from the recipe (one warning lists them; recipe.toml records them). `cbs`: extra fastai callbacks for the
+        training stages, as `fit(cbs=...)`."""
         return run_recipe(self, recipe, run_dir=run_dir, overrides=overrides, cbs=cbs)
 
 
@@ -115,11 +111,9 @@ def transfer_learner(dls: DataLoaders, arch: str = "tf_efficientnet_lite0", pret
                      drop_path: float | None = None, metrics=accuracy, loss_func=None, cbs=None,
                      progress: bool = True, path: str | Path | None = None, model=None, loss: str = "ce",
                      focal_gamma: float = 2.0) -> TransferLearner:
-    """A `TransferLearner` for timm architecture `arch` with a new head for the data's classes.
-
-    The body starts frozen (head trainable), inputs are normalised as the weights were pretrained, and
-    weight decay skips norm and bias parameters unless `wd_norm_bias`.
-    """
+    """A `TransferLearner` for timm architecture `arch` with a new head for the data's classes. The body starts
+    frozen, inputs are normalised as the weights were pretrained, and weight decay skips norm and bias parameters
+    unless `wd_norm_bias`."""
     n_classes = getattr(dls, "c", None)
     if model is None:
         model = create_model(arch, n_out or n_classes, pretrained=pretrained, drop_rate=drop_rate,
@@ -145,13 +139,11 @@ def transfer_learner(dls: DataLoaders, arch: str = "tf_efficientnet_lite0", pret
     learn.freeze_top(1)
     return learn
 
+
 def learner_from_recipe(data: str | Path, recipe="transfer", overrides: dict | list[str] | None = None,
                         progress: bool = True):
-    """DataLoaders and a `TransferLearner` exactly as recipe `recipe` says, for a folder or a sample name.
-
-    Everything is validated before any compute: the recipe, the data folder, the architecture name
-    and the number of classes against the head.
-    """
+    """A `TransferLearner` (with its DataLoaders) and the recipe, exactly as recipe `recipe` says, for a folder or a
+    sample name; the recipe, the data, the architecture and the number of classes are checked before any compute."""
     r = load_recipe(recipe, overrides)
     check_arch(r.arch)
     check_loggers(r.loggers)  # a logger's missing package fails here, before the data is read
@@ -165,12 +157,10 @@ def learner_from_recipe(data: str | Path, recipe="transfer", overrides: dict | l
         r = r.replace(bs=batch_size_for(report.n_train(r.valid_pct), r.epochs, r.min_steps))
     # images load at the largest size the run needs; ProgressiveResize shrinks training batches on the device
     dls = image_dls(path, size=max(r.size, r.valid_size or r.size), bs=r.bs, valid_pct=r.valid_pct, seed=r.seed,
-                    report=report,
-                    arch=r.arch, augment=r.augment, flip=r.flip, bad_images=r.bad_images, random_erasing=r.random_erasing,
-                    rand_augment=r.rand_augment, num_workers=r.num_workers, cache_images=r.cache_images,
-                    decode=r.decode, **label_args(r))
+                    report=report, arch=r.arch, augment=r.augment, flip=r.flip, bad_images=r.bad_images,
+                    random_erasing=r.random_erasing, rand_augment=r.rand_augment, num_workers=r.num_workers,
+                    cache_images=r.cache_images, decode=r.decode, **label_args(r))
     learn = transfer_learner(dls, r.arch, pretrained=r.pretrained, opt=r.opt, lookahead=r.lookahead, wd=r.wd,
-                             wd_norm_bias=r.wd_norm_bias, label_smoothing=r.label_smoothing,
-                             drop_rate=r.drop_rate, drop_path=r.drop_path, progress=progress,
-                             loss=r.loss, focal_gamma=r.focal_gamma)
+                             wd_norm_bias=r.wd_norm_bias, label_smoothing=r.label_smoothing, drop_rate=r.drop_rate,
+                             drop_path=r.drop_path, progress=progress, loss=r.loss, focal_gamma=r.focal_gamma)
     return learn, r

@@ -35,28 +35,24 @@ def recipe_callbacks(learn, r, run_dir: Path, total_steps: int | None = None) ->
     # precision (AMP, TF32 on CUDA fp32), channels_last, torch.compile (which waits for the last stage's groups)
     plan = stage_plan(r, learn.n_layer_groups, r.strategy) if r.strategy != "auto" else None
     cbs += speed_callbacks(learn, r, plan[-1].n_trainable if plan else None)
-    # --- resize + EMA + early stopping (fastlearn/resize.py, fastlearn/ema.py) ---
-    valid_size = r.valid_size or r.size
     if r.resizes_on_device:
         if total_steps is None and plan:
             total_steps = sum(st.epochs for st in plan) * len(learn.dls.train)
         cbs.append(ProgressiveResize(start=r.resize_start or r.size, final=r.size, ramp=r.resize_ramp,
-                                     multiple=r.resize_multiple, valid_size=valid_size, total_steps=total_steps))
+                                     multiple=r.resize_multiple, valid_size=r.valid_size or r.size,
+                                     total_steps=total_steps))
     if r.ema:
         cbs.append(EMA(r.ema_decay))
     if r.early_stop:
-        # best over the whole run, not per stage (reset_on_fit=False): each stage gets `early_stop` epochs to
-        # beat it, and after each stage the best weights so far are loaded back. fastai saves to and mkdirs
-        # learn.path/model_dir, so model_dir points at the run folder: run_dir/best.pth, no stray ./models.
+        # best over the whole run, not per stage (reset_on_fit=False): each stage gets `early_stop` epochs to beat
+        # it, then the best weights so far are loaded back. fastai saves to learn.path/model_dir: run_dir/best.pth
         learn.model_dir = Path(run_dir).absolute()
         cbs.append(SaveModelCallback(monitor="valid_loss", fname="best", with_opt=False, reset_on_fit=False))
         stop = EarlyStoppingCallback(monitor="valid_loss", patience=r.early_stop, reset_on_fit=False)
-        # fastai's order 63 raises CancelFitException inside after_epoch, which skips the after_epoch of every
-        # later callback (MetricsLog 66, Checkpointer 90): the stopping epoch would be missing from
-        # metrics.csv and the checkpoints. Last among after_epoch handlers instead.
+        # last among after_epoch handlers: at fastai's order 63 its CancelFitException would skip the after_epoch
+        # of MetricsLog (66) and Checkpointer (90), leaving the stopping epoch out of metrics.csv and the checkpoints
         stop.order = 100
         cbs.append(stop)
-    # --- end resize + EMA + early stopping ---
     if r.health_every:
         cbs.append(HealthMonitor(every=r.health_every, csv_path=Path(run_dir) / "health.csv"))
     cbs += logger_callbacks(r, run_dir)

@@ -67,15 +67,12 @@ def run_recipe(learn, recipe="transfer", run_dir: str | Path | None = None, over
     optionally mix the head stage's and the fine-tuned weights (`soup`), keep the best candidate's weights, and write
     everything into a run folder.
 
-    Checkpoints go to `run_dir/checkpoints` every `recipe.checkpoint_every` epochs, at each stage's end and,
-    with `checkpoint_steps`, every that many batches. `resume=True` continues `run_dir` from its latest
-    checkpoint: finished stages are skipped and the current one goes on from the saved epoch and batch.
-    `cbs`: the caller's fastai callbacks, added to every stage that trains the network (not to lr_find, nor to the
-    head trained on cached features, which never sees images).
-
-    One process at a time trains in a run folder (`run.lock`, else `RunLockedError`). `data.json` records the
-    data; a resume on other data raises `DataChangedError` unless `accept_data_change`. Ctrl-C or SIGTERM stop
-    at the next batch boundary with a checkpoint there and raise `TrainingInterrupted` (how to resume)."""
+    Checkpoints go to `run_dir/checkpoints` every `recipe.checkpoint_every` epochs, at each stage's end and, with
+    `checkpoint_steps`, every that many batches; `resume=True` goes on from the latest one. `cbs`: the caller's
+    fastai callbacks, added to every stage that trains the network (not to lr_find nor to the head on features).
+    One process at a time trains in a run folder (`run.lock`); a resume on other data than `data.json` records
+    raises `DataChangedError` unless `accept_data_change`; Ctrl-C or SIGTERM stop at the next batch boundary with a
+    checkpoint there and raise `TrainingInterrupted`."""
     r = load_recipe(recipe, overrides)
     if r.bs is None:  # derived from the data: the batch size the DataLoaders were built with is what runs
         r = r.replace(bs=int(learn.dls.train.bs))
@@ -109,7 +106,9 @@ def _run_recipe(learn, r: Recipe, run_dir: Path, resume: bool = False, checkpoin
     if run.on_features and groups[0].n_trainable == 1:  # the head stage ran on features: its epochs are not images'
         groups[0] = UnfreezeStage(1, 0, groups[0].lr_mult)
     stop.n_stages = len(groups)
-    _write_run_files(r, run_dir)
+    if is_main_process():
+        r.save(run_dir / "recipe.toml")
+        (run_dir / "environment.json").write_text(json.dumps(environment(r.seed), indent=2))
     # the callbacks see the chosen strategy (resizing needs the run's length, compile its last stage)
     total_steps = sum(st.epochs for st in groups) * len(learn.dls.train)
     extra = recipe_callbacks(learn, r.replace(strategy=run.strategy), run_dir, total_steps=total_steps)
@@ -159,13 +158,6 @@ def _head_stage(learn, r: Recipe, run: RunState) -> None:
         say(f"auto strategy: {run.strategy} ({run.why})")
 
 
-def _write_run_files(r: Recipe, run_dir: Path) -> None:
-    "The resolved recipe and the environment, before the stages train (main process only)."
-    if is_main_process():
-        r.save(run_dir / "recipe.toml")
-        (run_dir / "environment.json").write_text(json.dumps(environment(r.seed), indent=2))
-
-
 def _restore(learn, r: Recipe, run: RunState, groups: list, extra: list, ckpt) -> None:
     "A resumed run: the checkpoint's stage frozen as it was, the weights, optimizer and callbacks' state put back."
     ck = run.resumed
@@ -209,11 +201,10 @@ def _body_peak(learn, r: Recipe, run: RunState, total_steps: int) -> float:
 
 
 def _ft_peak(r: Recipe, run: RunState, groups: list) -> float:
-    """The first fine-tuning stage's peak LR, resolved once (a checkpoint written later holds it). The recipe's
+    """The first fine-tuning stage's peak LR, resolved once (a checkpoint written later holds it): the recipe's
     `ft_lr`, scaled to the global batch as `lr` is; else after the head on features ft_lr_factor x the head's LR
-    (calibrated for the valley rule on the head's sweep), capped at ft_lr_max; on the classic path (one sweep of the
-    whole model, its divergence-side peak) the head's LR x the first fine-tuning stage's lr_mult (stage_lr_mult per
-    deeper stage), as the stage plan says."""
+    (calibrated for the valley rule on the head's sweep), capped at ft_lr_max; else (one sweep of the whole model)
+    the head's LR x the first fine-tuning stage's lr_mult, as the stage plan says."""
     if run.ft_peak is None:  # a new run, or a resume from the head's checkpoint (written before this was resolved)
         run.ft_peak = _at_global_batch(r, r.ft_lr) if r.ft_lr is not None else \
             min(run.peak * r.ft_lr_factor, r.ft_lr_max) if run.on_features else run.peak * first_ft_mult(groups)
@@ -287,5 +278,3 @@ def _prune_checkpoints(run_dir: Path, keep, kept: dict | None) -> None:
         link_in_place(run_dir / "model.safetensors", keep.path)  # no hard links there: the copy stays as it is
         stay = (keep.path.name,)
     prune_finished(run_dir, keep=stay)
-
-

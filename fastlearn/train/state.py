@@ -116,8 +116,7 @@ class RunState:
 
     def try_soup(self, learn, valid_loss: float, mets: list) -> bool:
         """WiSE-FT: offer the fine-tuned weights to keep-best, then load the mix (1 - soup) x the head stage's end +
-        soup x them; `kept` then judges the mix as the run's final weights. False (nothing done) without a soup, or
-        when no fine-tuning epoch trained after the head."""
+        soup x them, which `kept` judges as the final weights. False (nothing done) without soup or fine-tuning."""
         if not self.soup or not self._fine_tuned() or self.keep is None:
             return False
         self.offer(learn, "fine-tuned", valid_loss, float(mets[0]) if mets else float("nan"))
@@ -127,9 +126,8 @@ class RunState:
 
     def try_ensemble(self, learn, valid_loss: float, mets: list, multi_label: bool) -> bool:
         """Probe+FT ensembling: offer the fine-tuned network to keep-best, then make `learn.model` the ensemble of the
-        head stage's end (the probe) and it; `kept` then judges the ensemble as the run's final model and puts the
-        fine-tuned network back when it loses. False (nothing done) without `ensemble`, or when no fine-tuning
-        epoch trained after the head."""
+        head stage's end (the probe) and it, which `kept` judges as the run's final model (putting the fine-tuned
+        network back when it loses). False (nothing done) without `ensemble` or fine-tuning."""
         if not self.ensemble or not self._fine_tuned():
             return False
         if self.keep is not None:
@@ -185,10 +183,8 @@ class RunState:
         """A resume from a stage-end checkpoint (stopped after the checkpoint, before the stage was recorded): its row,
         from the metrics log, and its keep-best offer (the restored model is that stage's end), as the uninterrupted
         run made them."""
-        if any(s["stage"] == st.name for s in self.stages):
-            return
         mine = [row for row in self.log.rows if row["stage"] == st.name]
-        if not mine:
+        if not mine or any(s["stage"] == st.name for s in self.stages):
             return
         vals = {k: float(v) for k, v in mine[-1].items() if k not in ("stage", "epoch", "seconds")}
         self.stages.append(stage_row(st.name, st.trainable, len(mine), st.peak, vals,

@@ -63,10 +63,8 @@ class Thresholds:
     - `probe_similar`: a linear probe this accurate means the pretrained features already separate the
       classes; the body needs little change. Measured on a capped subset, so it under-estimates.
     - `bn_similar`: a mean normalised BN mean shift at or below this means the images look ImageNet-like
-      to the network. Measured with tf_efficientnet_lite0 at 64 px, 400 train images: crops of photos
-      (scikit-learn's china/flower samples) 0.32, the digits sample 0.53, uniform noise 0.48; the cut sits
-      between. Deeper layers shift more at low resolution (0.58 over the last 10 layers even for the
-      photos), so the value depends on the image size; re-measure before trusting the cut at 224 px.
+      to the network. Set at 64 px between photos and the digits sample or noise; deeper layers shift more at
+      low resolution, so re-measure before trusting the cut at 224 px.
     """
     small_per_class: float = 100.0
     tiny_per_class: float = 20.0
@@ -77,11 +75,9 @@ class Thresholds:
 def decide(stats: DatasetStats, thresholds: Thresholds = Thresholds()) -> tuple[str, str]:
     """(strategy, why) from measured `stats`: the 2x2 table, with the numbers that placed the data in its cell.
 
-    Small and different is the hard cell. We choose `full` (gradual unfreezing, body LRs `lr_ratio` times
-    below the head's, few epochs): the probe accuracy is the ceiling of a frozen body, and when it is low
-    only adapting the body can lift it; gradual unfreezing trains the head first so the body is never
-    updated through a random head, and the low body LRs keep it near the pretrained weights. Only below
-    `tiny_per_class` images per class is the frozen body (`linear_probe`) chosen instead.
+    Small and different is the hard cell: `full`, since the probe accuracy is the ceiling of a frozen body and
+    only adapting the body can lift it; gradual unfreezing trains the head first, so the body is never updated
+    through a random head, and body LRs `lr_ratio` times below the head's keep it near the pretrained weights.
     """
     t = thresholds
     small = stats.images_per_class < t.small_per_class
@@ -97,8 +93,6 @@ def decide(stats: DatasetStats, thresholds: Thresholds = Thresholds()) -> tuple[
     if stats.images_per_class < t.tiny_per_class:
         return "linear_probe", (f"{size}, {why_sim} ({sim}); fewer than {t.tiny_per_class:g} images/class is too "
                                 f"few to tune the body -> linear_probe")
-    # small and similar: the classic advice is the frozen probe; with keep-best the probe stays the floor (the run
-    # keeps it unless fine-tuning beats it on validation), so the top groups are fine-tuned too
     strategy = "fine_tune_top" if similar else "full"
     note = " (small and different: gradual unfreezing with low body LRs)" if small and not similar else ""
     return strategy, f"{size}, {why_sim} ({sim}) -> {strategy}{note}"
@@ -135,13 +129,10 @@ def choose_strategy(learn, recipe, thresholds: Thresholds = Thresholds(), max_im
 # -- measuring ------------------------------------------------------------------------------------
 
 def measure_dataset(learn, max_images: int = 400, seed: int = 0, bs: int = 64) -> DatasetStats:
-    """Images per class, and the similarity of the data to the pretraining data as seen by the frozen body.
-
-    At most `max_images` training and `max_images // 2` validation images (random, seeded) go once through
-    the model in eval mode without gradients; validation transforms only (no augmentation). The model's
-    weights, BN running statistics and train/eval mode, and the global random states (so the training
-    that follows is the same with or without the measurement) are left as they were.
-    """
+    """Images per class, and the similarity of the data to the pretraining data as seen by the frozen body, from
+    at most `max_images` training and `max_images // 2` validation images (seeded) with the validation transforms,
+    in eval mode. The model (weights, BN statistics, train/eval mode) and the global random states are left as
+    they were, so the training that follows is the same with or without the measurement."""
     with no_random(seed):  # fastai: seeds, then restores python/numpy/torch RNG states (DataLoader.new draws)
         return _measure(learn, max_images, seed, bs)
 
