@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..base import fastai_quiet  # noqa: F401  (first: fastai with its one import-time warning silenced)
+from fastai.distributed import teardown_distrib  # noqa: E402  (after fastai_quiet, for the same reason)
 from ..base.ranks import init_distributed, is_main_process, main_process_first
 from ..data.dls import image_dls
 from ..fit.distributed import distributed_ctx
@@ -42,7 +43,6 @@ def train(a) -> int:
         learn, r = learner_from_recipe(a.data, a.recipe, a.overrides)
         report(run_recipe(learn, r, **run_args))
         return 0
-    from fastai.distributed import teardown_distrib
     if "WORLD_SIZE" not in os.environ:
         raise ValueError(f"--distributed needs a launcher, one process per device: torchrun --standalone "
                          f"--nproc_per_node=2 -m fastlearn.cli {shlex.join(a.argv)}")

@@ -9,6 +9,7 @@ verdict function over numbers (`*_verdict`); the functions that measure a Learne
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -403,7 +404,6 @@ def diagnose(epoch_rows: Sequence[dict], n_classes: int | None = None, improving
 
 def read_epoch_rows(path) -> list[dict]:
     "Per-epoch rows from a run folder's metrics.csv (or the CSV itself), numbers as floats."
-    import csv
     p = Path(path)
     p = p / "metrics.csv" if p.is_dir() else p
     if not p.is_file():

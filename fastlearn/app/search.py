@@ -96,7 +96,7 @@ class ReportToOptuna(Callback):
         self._trained = True
 
     def after_epoch(self):
-        import optuna
+        import optuna  # lazy: optional extra (fastlearn[search])
         if not self._trained:   # Learner.validate() fires after_epoch too, with no training phase
             return
         self._trained = False
@@ -132,7 +132,7 @@ def _row(number: int, rnd: int, state: str, params: dict, values: list[float], s
 def _run_rounds(study, data, base: Recipe, space: SearchSpace, n_trials: int, rounds: int, top_k: int,
                 metric: str, quiet: bool, trials_dir: Path, rows: list[dict]) -> None:
     "Run the trials round by round, appending one row per trial to `rows`."
-    import optuna
+    import optuna  # lazy: optional extra (fastlearn[search])
     cur = space
     for rnd, n in enumerate(split_trials(n_trials, rounds), start=1):
         if rnd > 1:

@@ -1,5 +1,7 @@
 """Exception types: each names the problem, the value and what to do, before any compute is spent."""
 
+import signal
+
 __all__ = ["FastlearnError", "DataError", "EmptyClassError", "SingleClassError", "CorruptImageError",
            "UnknownArchError", "RecipeError", "CheckpointError", "NonFiniteError", "LabelRangeError",
            "WeightsError", "MissingExtraError", "RecipeMismatchError", "RunLockedError", "DataChangedError",
@@ -86,7 +88,6 @@ class TrainingInterrupted(FastlearnError):
 
     @property
     def signal_name(self) -> str:
-        import signal
         try:
             return signal.Signals(self.signum).name
         except ValueError:

@@ -10,6 +10,8 @@ from typing import IO, Sequence
 
 from . import fastai_quiet  # noqa: F401  (fastai first, with its one import-time warning silenced)
 from fastai.callback.core import Callback  # noqa: E402
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
 from .console import console, console_width, is_terminal, say
 
@@ -46,7 +48,6 @@ class EpochProgress(Callback):
         self.t_fit, self._in_fit = time.perf_counter(), getattr(self.learn, "create_mbar", True)
         self._progress = None
         if self.live and self._in_fit:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
             self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
                                       TextColumn("{task.completed}/{task.total}"),
                                       TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(),
@@ -126,7 +127,6 @@ def _fitted_widths(headers: list[str], cells: list[list[str]], avail: int) -> li
 
 def summary_table(rows: Sequence[dict], title: str = "fastlearn run", caption: str | None = None) -> str:
     "Render rows (dicts with the same keys) as a rich table, `caption` under it; returns the text it printed."
-    from rich.table import Table
     t = Table(title=title, caption=caption, caption_justify="left")
     keys = list(rows[0]) if rows else []
     headers = [_HEADERS.get(k, k.replace("_", " ")) for k in keys]

@@ -14,6 +14,7 @@ from fastai.callback.core import (Callback, CancelBackwardException, CancelBatch
                                   CancelValidException, _inner_loop, event)
 from fastai.learner import AvgSmoothLoss, Learner
 from fastai.losses import BaseLoss
+from fastai.torch_core import num_distrib
 from fastcore.xtras import modify_exception
 
 _CANCELS = (CancelBatchException, CancelBackwardException, CancelEpochException, CancelFitException,
@@ -81,7 +82,6 @@ class DeviceSmoothLoss(AvgSmoothLoss):
     version copies each step's loss to the CPU (a host sync per step on CUDA); under DDP fastai's version runs."""
 
     def accumulate(self, learn):
-        from fastai.torch_core import num_distrib
         if num_distrib() > 1:
             return super().accumulate(learn)
         loss = learn.loss.detach().mean()

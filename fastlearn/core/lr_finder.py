@@ -131,6 +131,7 @@ def suggest(lrs, losses, method: str = "valley") -> float:
         return suggest_lrs(lrs, losses)[0]
     if method not in SUGGESTERS:
         raise ValueError(f"unknown LR suggester {method!r}; choose one of {', '.join(SUGGESTERS)}")
+    # lazy: its import patches Learner (fit_one_cycle, lr_find) and adds ProgressCallback to fastai's default callbacks
     from fastai.callback import schedule
     lrs, losses = torch.tensor(list(lrs), dtype=torch.float64), torch.tensor(list(losses), dtype=torch.float64)
     finite = torch.isfinite(losses)
@@ -279,6 +280,7 @@ def plot_lr_find(res: LRFindResult, path: str | Path) -> Path:
 
 
 def _lr_find_figure(res: LRFindResult):
+    # lazy: matplotlib is heavy and only needed for this plot
     from matplotlib.figure import Figure  # no pyplot: never switches the user's (notebook's) backend
     from matplotlib.transforms import offset_copy
     fig = Figure(figsize=(6, 4))

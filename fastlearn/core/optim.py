@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from fastai.optimizer import OptimWrapper
 from fastcore.foundation import L
+from timm.optim import Lookahead
 from torch import nn
 
 __all__ = ["OPTIMIZERS", "opt_func", "OptFunc", "split_decay", "GroupMap", "LeanOptimWrapper", "FixedSplit"]
@@ -132,7 +133,6 @@ class OptFunc:
     def __call__(self, params, lr, **kwargs):
         wrapper = LeanOptimWrapper(params, OPTIMIZERS[self.name][0], lr=lr, **self.kw, **kwargs)
         if self.lookahead:
-            from timm.optim import Lookahead
             wrapper = LeanOptimWrapper(opt=Lookahead(wrapper.opt))
         return wrapper
 

@@ -89,6 +89,7 @@ def multi_label_probe(xtr, ytr, xva, yva, C: float = 1.0) -> float:
     features, scored by balanced accuracy (chance 0.5 however rare the label, so the single-label cut at
     0.90 still means 'the frozen features separate it'), averaged over the labels that have both values in
     training and validation; accuracy over all labels when none has."""
+    # lazy: heavy (scikit-learn's linear models and scipy), only for this probe, which `auto` alone runs
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import balanced_accuracy_score
     from sklearn.pipeline import make_pipeline

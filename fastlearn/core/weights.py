@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from ..base.errors import CheckpointError
@@ -25,12 +26,14 @@ def load_learner(path: str | Path, trust: bool = False, cpu: bool = True):
                               f"you exported yourself")
     if not path.exists():
         raise CheckpointError(f"exported learner {path} does not exist")
+    # lazy: heavy (fastai.learner brings fastai.data and scikit-learn: seconds), only for a pickled Learner
     from fastai.learner import load_learner as fastai_load_learner
     return fastai_load_learner(path, cpu=cpu)
 
 
 def save_weights(model: nn.Module, path: str | Path) -> Path:
     "Save the model's state_dict as safetensors, atomically."
+    # lazy: looked up at each call, so a patched safetensors.torch.save_file takes effect (tests/test_checkpoint.py)
     from safetensors.torch import save_file
     sd = {k: v.detach().contiguous().cpu() for k, v in unwrap_model(model).state_dict().items()}
     for k, v in sd.items():
@@ -45,7 +48,6 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.
     if not path.exists():
         raise CheckpointError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
         sd = load_file(str(path))
     else:
         try:

@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import pandas as pd
+from fastai.data.block import CategoryBlock, MultiCategoryBlock
+
 from ..base.errors import CorruptImageError, DataError, EmptyClassError, SingleClassError
 from .folders import (bad_listing, BAD_IMAGES, check_image_folder, decode_problems, FolderReport, MAX_LISTED,
                       random_splitter)
@@ -92,7 +95,6 @@ def _lines(rows) -> str:
 
 
 def _read_csv(csv: Path):
-    import pandas as pd
     if not csv.exists():
         raise DataError(f"CSV file {csv} does not exist; {_CSV_HINT}")
     if not csv.is_file():
@@ -264,6 +266,5 @@ def label_args(recipe) -> dict:
 
 def csv_parts(report: CsvReport):
     "(label getter, splitter, fastai y block) for a `CsvReport`."
-    from fastai.data.block import CategoryBlock, MultiCategoryBlock
     block = MultiCategoryBlock if report.multi_label else CategoryBlock
     return _CsvLabel(report.labels), _ListSplitter(report.valid_files), block

@@ -24,11 +24,18 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.multiprocessing  # noqa: F401  (registers the shared-memory pickling of tensors for the queues)
+import torch.nn.functional as F
+from fastai.data.block import TransformBlock
 from fastai.data.core import TfmdDL
-from fastai.data.load import _loaders
-from fastai.torch_core import set_num_threads, set_seed, to_device
+from fastai.data.load import _loaders, fa_collate
+from fastai.data.transforms import IntToFloatTensor
+from fastai.torch_core import set_num_threads, set_seed, TensorImage, to_device
+from fastai.vision.core import PILImage
 from fasttransform import Transform
 from PIL import Image
+from torch.utils.data._utils import ExceptionWrapper
+from torch.utils.data._utils.pin_memory import pin_memory
+from torchvision.io import decode_jpeg, ImageReadMode
 
 __all__ = ["PersistentDL", "ImageDecoder", "DECODERS", "check_decode", "EncodedImages", "ReadEncoded", "GpuDecode",
            "decode_jpegs_on", "collate_encoded", "gpu_decode_block", "ImageCache", "image_cache_for", "decode_image",
@@ -227,7 +234,6 @@ class ImageDecoder(Transform):
         self.short_side, self.cache = short_side, cache
 
     def encodes(self, fn: Path | str):
-        from fastai.vision.core import PILImage
         im = self.cache.get(fn) if self.cache is not None else decode_image(fn, self.short_side)
         return PILImage.create(im if im.mode == "RGB" else im.convert("RGB"))
 
@@ -275,7 +281,6 @@ class ReadEncoded(Transform):
 
 def collate_encoded(samples):
     "fastai's collation, except that the `EncodedImages` of a batch are joined into one (the images differ in size)."
-    from fastai.data.load import fa_collate
     if isinstance(samples[0], tuple) and any(isinstance(o, EncodedImages) for o in samples[0]):
         return tuple(EncodedImages(torch.cat([o.data for o in c]), [n for o in c for n in o.sizes])
                      if isinstance(c[0], EncodedImages) else fa_collate(c) for c in zip(*samples))
@@ -286,8 +291,6 @@ def decode_jpegs_on(encoded: Sequence[torch.Tensor], size: int, device, random_c
                     generator: torch.Generator | None = None) -> torch.Tensor:
     """A uint8 batch (N, 3, size, size) on `device` from JPEG bytes: decoded there in one nvJPEG call, the shorter
     side resized to `size` (antialiased bilinear), then a `size` crop: centred, or at a random place (training)."""
-    import torch.nn.functional as F
-    from torchvision.io import ImageReadMode, decode_jpeg
     imgs = decode_jpeg(list(encoded), mode=ImageReadMode.RGB, device=device)
     out = torch.empty(len(imgs), 3, size, size, dtype=torch.uint8, device=device)
     for i, im in enumerate(imgs):
@@ -317,7 +320,6 @@ class GpuDecode(Transform):
         self.device = dl.device
 
     def encodes(self, b: EncodedImages):
-        from fastai.torch_core import TensorImage
         dev = getattr(self, "device", None) or torch.device("cuda")
         return TensorImage(decode_jpegs_on(b.split(), self.size, dev, random_crop=self._train))
 
@@ -329,8 +331,6 @@ class GpuDecode(Transform):
 def gpu_decode_block(decode: str, device, size: int, rand_augment=None):
     """`image_dls`'s pieces for `decode='cuda'`: the image block (file bytes, decoded by `GpuDecode`), its item
     transforms (none: `GpuDecode` resizes and crops) and the DataLoader arguments (the collation)."""
-    from fastai.data.block import TransformBlock
-    from fastai.data.transforms import IntToFloatTensor
     check_decode(decode, device)
     if rand_augment is not None:
         raise ValueError(f"rand_augment={rand_augment!r} works on decoded images in the workers, so it needs "
@@ -346,13 +346,11 @@ _END = "__fastlearn_end_of_epoch__"
 
 def _terminal(b) -> bool:
     "A worker's last message of an epoch: its end marker, or the exception that stopped it."
-    from torch.utils.data._utils import ExceptionWrapper
     return isinstance(b, ExceptionWrapper) or (isinstance(b, str) and b == _END)
 
 
 def _worker_loop(dl, wid: int, n: int, tasks, out, current) -> None:
     "A worker: for each epoch's (id, sample order, base seed), what fastai's worker does for one epoch."
-    from torch.utils.data._utils import ExceptionWrapper
     set_num_threads(1)
     dl.num_workers, dl.offs = n, wid  # fastai's _wif: this worker's share of the batches
     while True:
@@ -423,7 +421,6 @@ class _WorkerPool:
 
     def batches(self, eid: int, timeout: float):
         "This epoch's batches in fastai's order: global batch k comes from worker k % n."
-        from torch.utils.data._utils import ExceptionWrapper
         k, ended = 0, set()
         while True:
             w = k % self.n
@@ -564,7 +561,6 @@ class PersistentDL(TfmdDL):
 
 def _pinned(batches, depth: int = 2):
     "`batches` pinned by a background thread (the copy releases the GIL), `depth` ahead of the consumer."
-    from torch.utils.data._utils.pin_memory import pin_memory
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     sentinel = object()

@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+from PIL import Image
+
 __all__ = ["SAMPLES", "sample", "is_sample_name", "samples_root"]
 
 _MARKER = ".fastlearn-complete"  # written last inside the temp folder; its presence means the dataset is whole
@@ -24,8 +27,7 @@ def samples_root() -> Path:
 
 def _write_digits(dest: Path) -> int:
     "Write scikit-learn's 1,797 8x8 digits as 32x32 grayscale PNGs under `dest/{train,valid}/<digit>/<i>.png`."
-    import numpy as np
-    from PIL import Image
+    # lazy: heavy (scikit-learn's datasets and model selection), only to build the digits sample once
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 

@@ -40,6 +40,7 @@ from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import LRFinder
 from fastai.distributed import DistributedDL, DistributedTrainer, _round_to_multiple
 from fastai.torch_core import apply, to_detach
+from timm.layers import convert_sync_batchnorm
 from torch import nn
 
 from ..base.errors import FastlearnError, NonFiniteError, TrainingInterrupted
@@ -157,7 +158,6 @@ class DDPTrainer(DistributedTrainer):
     def before_fit(self):
         self.orig_model = self.learn.model
         if self.sync_bn:
-            from timm.layers import convert_sync_batchnorm
             self._bns = {n: m for n, m in bn_layers(self.orig_model).items() if n}
             model = convert_sync_batchnorm(self.orig_model)  # in place below the root, sharing parameters
         else:

@@ -13,6 +13,9 @@ import json
 import tomllib
 from pathlib import Path
 
+from fastai.data.transforms import Normalize
+from fastai.vision.augment import Resize
+
 from ..base.errors import RunFolderError
 from ..base.files import atomic_write
 from ..base.version import __version__
@@ -49,7 +52,6 @@ def uses_valid_resize(recipe) -> bool:
 
 def _item_resize(learn, recipe) -> dict:
     "The fastai `Resize` the validation loader applies to each image: size, method and pad mode."
-    from fastai.vision.augment import Resize
     dl = learn.dls.valid
     tfm = next((t for t in getattr(getattr(dl, "after_item", None), "fs", []) if isinstance(t, Resize)), None)
     if tfm is None:  # tensors, not image files (e.g. a synthetic DataLoaders): the recipe's size
@@ -61,7 +63,6 @@ def _item_resize(learn, recipe) -> dict:
 
 def _stats(learn) -> tuple[list[float], list[float]]:
     "mean and std of the `Normalize` the validation loader applies (the arch's pretrained stats otherwise)."
-    from fastai.data.transforms import Normalize
     dl = learn.dls.valid
     norm = next((t for t in getattr(getattr(dl, "after_batch", None), "fs", []) if isinstance(t, Normalize)), None)
     if norm is not None and norm.mean is not None:

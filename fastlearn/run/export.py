@@ -24,7 +24,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import timm
 import torch
+from timm.models import save_for_hf
 
 from ..base.errors import ExportError
 from ..base.extras import require
@@ -77,8 +79,8 @@ def _require_onnx() -> None:
 def export_onnx(model: torch.nn.Module, card: dict, path: str | Path) -> Exported:
     "Write `model` as ONNX (dynamic batch axis), store `card` in its metadata, check it with onnxruntime."
     _require_onnx()
-    import onnx
-    import onnxruntime as ort
+    import onnx  # lazy: optional extra (fastlearn[onnx])
+    import onnxruntime as ort  # lazy: optional extra (fastlearn[onnx])
     path = Path(path)
     model = model.cpu().eval()
     used = []
@@ -134,8 +136,6 @@ def export_timm(model: torch.nn.Module, card: dict, folder: str | Path) -> Expor
     if card.get("ensemble"):
         raise ValueError(f"this run kept an ensemble of {card['ensemble']} networks (recipe key ensemble = true), which "
                          f"one timm model cannot hold; export it with --format onnx or --format torchscript")
-    import timm
-    from timm.models import save_for_hf
     folder = Path(folder)
     model = model.cpu().eval()
     s = card["input_size"]

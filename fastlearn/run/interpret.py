@@ -13,6 +13,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from fastai.distributed import DistributedTrainer
+from fastai.interpret import ClassificationInterpretation
+from fastai.vision.core import PILImage
 
 from ..base.files import atomic_write
 from ..base.progress import summary_table
@@ -47,17 +50,15 @@ class Interpretation:
 
     def confusion_matrix(self) -> np.ndarray:
         "(actual, predicted) counts, scikit-learn's confusion_matrix over all classes (single-label runs)."
-        from sklearn.metrics import confusion_matrix
+        from sklearn.metrics import confusion_matrix  # lazy: scikit-learn is heavy, only for this report
         return confusion_matrix(self.targs.numpy(), self.decided.numpy(), labels=list(range(len(self.classes))))
 
     def top_losses(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         "The `k` largest losses and their validation indices, by fastai's ClassificationInterpretation."
-        from fastai.interpret import ClassificationInterpretation
         return ClassificationInterpretation(self.learn, self.dl, self.losses).top_losses(k)
 
     def images(self, idxs: Sequence[int]) -> list[np.ndarray] | None:
         "The validation images at `idxs` as the model saw them before normalisation (HWC uint8); None if not images."
-        from fastai.vision.core import PILImage
         ds = getattr(self.dl, "dataset", None)
         if ds is None or getattr(self.dl, "vocab", None) is None:
             return None
@@ -74,7 +75,7 @@ class Interpretation:
 def per_class_metrics(targs: torch.Tensor, decided: torch.Tensor, classes: Sequence[str],
                       multi_label: bool = False) -> dict[str, dict]:
     "{class: precision, recall, f1, support} by scikit-learn (0 where undefined: a class never predicted)."
-    from sklearn.metrics import precision_recall_fscore_support
+    from sklearn.metrics import precision_recall_fscore_support  # lazy: scikit-learn is heavy, only for this report
     labels = None if multi_label else list(range(len(classes)))
     # fastai's multi-label targets are float one-hot rows; scikit-learn wants one indicator type on both sides
     p, r, f, s = precision_recall_fscore_support(targs.long().numpy(), decided.long().numpy(), labels=labels,
@@ -85,6 +86,7 @@ def per_class_metrics(targs: torch.Tensor, decided: torch.Tensor, classes: Seque
 
 def plot_confusion_matrix(cm: np.ndarray, classes: Sequence[str], path: str | Path, title: str = "confusion matrix"):
     "Save the confusion matrix (rows actual, columns predicted) as a PNG; counts in the cells up to 30 classes."
+    # lazy: matplotlib is heavy and only needed for this plot
     from matplotlib.figure import Figure  # no pyplot: never switches the user's (notebook's) backend
     n = len(classes)
     side = min(16.0, 3.0 + 0.45 * n)
@@ -114,7 +116,7 @@ def _names(row: torch.Tensor, classes: Sequence[str]) -> str:
 
 def plot_top_losses(interp: Interpretation, path: str | Path, k: int = 9) -> Path | None:
     "Save a grid of the `k` highest-loss validation images, titled predicted / actual / loss / probabilities."
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: matplotlib is heavy and only needed for this plot
     k = min(k, len(interp.losses))
     if k == 0 or getattr(interp.dl, "vocab", None) is None:  # no labelled images to show (e.g. tensor data)
         return None
@@ -165,7 +167,6 @@ def interpret(learn, recipe=None, dl=None) -> Interpretation:
     cbs = []
     if uses_valid_resize(recipe):  # evaluate where run_recipe's final validate() did: at valid_size
         cbs.append(ProgressiveResize(recipe.size, recipe.size, valid_size=recipe.valid_size or recipe.size))
-    from fastai.distributed import DistributedTrainer
     # rank 0 alone calls this at the end of a DDP run: without the DDP callbacks, no collective can wait on others
     solo = [cb for cb in learn.cbs if isinstance(cb, (DistributedTrainer, RankZeroRecord))]
     with learn.removed_cbs(solo):

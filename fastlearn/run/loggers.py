@@ -126,7 +126,7 @@ class TensorBoardLogger(EpochLogger):
     "Scalars per epoch (step = epoch), the stage as text, the recipe as text and as HParams, in run_dir/tensorboard."
 
     def open(self):
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # lazy: optional extra (fastlearn[tensorboard])
         self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
         toml = "\n".join("    " + line for line in self.recipe.to_toml().splitlines())  # markdown code block
         self.writer.add_text("recipe", toml, 0)
@@ -153,6 +153,7 @@ class MLflowLogger(EpochLogger):
     continues the MLflow run of its folder."""
 
     def open(self):
+        # lazy: optional extra (fastlearn[mlflow])
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
         uri = os.environ.get("MLFLOW_TRACKING_URI") or (self.run_dir / "mlruns").absolute().as_uri()
@@ -176,7 +177,7 @@ class MLflowLogger(EpochLogger):
             self.client.log_batch(self.run_id, params=params[i:i + 100])
 
     def log_row(self, row):
-        from mlflow.entities import Metric, RunTag
+        from mlflow.entities import Metric, RunTag  # lazy: optional extra (fastlearn[mlflow])
         step, ts = int(row["epoch"]), int(time.time() * 1000)
         self._stage_epochs.setdefault(str(row["stage"]), []).append(step)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v in _numbers(row).items()],
@@ -196,7 +197,7 @@ class WandbLogger(EpochLogger):
     so a run never waits on a login prompt or the network."""
 
     def open(self):
-        import wandb
+        import wandb  # lazy: optional extra (fastlearn[wandb])
         self.wb = wandb.init(project=os.environ.get("WANDB_PROJECT", "fastlearn"), name=self.run_dir.name,
                              dir=str(self.run_dir), config=self.recipe.to_dict(),
                              mode=os.environ.get("WANDB_MODE", "offline"), reinit="create_new",

@@ -19,6 +19,9 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from fastai.vision.augment import Resize
+from fastai.vision.core import image2tensor, PILImage
+from rich.table import Table
 from torch import nn
 from PIL import Image
 
@@ -95,7 +98,6 @@ def gather_images(images) -> list[tuple[str, Path | Image.Image]]:
 def load_image(item: Path | Image.Image, short_side: int | None = None):
     """An RGB fastai PILImage, opened as the run's loader opened it (fastai's ImageBlock, or, with `short_side`,
     fastlearn's reduced decode `loader.decode_image`); CorruptImageError names a file that fails."""
-    from fastai.vision.core import PILImage
     try:
         if isinstance(item, Image.Image):
             im = item.convert("RGB") if item.mode not in ("L", "RGB") else item
@@ -109,8 +111,6 @@ def load_image(item: Path | Image.Image, short_side: int | None = None):
 
 def _item_tensor(img, card: dict) -> torch.Tensor:
     "uint8 (3, H, W): the validation item transform (fastai Resize, validation split = centre crop), then ToTensor."
-    from fastai.vision.augment import Resize
-    from fastai.vision.core import image2tensor
     # a card with only the shared-design fields (no "resize"): fastai's default Resize at the input size
     r = card.get("resize") or {"size": card["input_size"], "method": "crop", "pad_mode": "reflection"}
     return image2tensor(Resize(r["size"], method=r["method"], pad_mode=r["pad_mode"])(img, split_idx=1))
@@ -210,7 +210,6 @@ def _display_base(sources: list[str]) -> str | None:
 def predict_main(run_dir: str | Path, images: Sequence[str], topk: int = 3, bs: int = 64, tta: bool = False,
                  csv_path: str | Path | None = None, device: str | None = None, max_rows: int = 20) -> int:
     "`fastlearn predict`: a table of the top-k classes per image; with `csv_path`, every prediction in a CSV file."
-    from rich.table import Table
     run = load_run(run_dir, device=device)
     preds = run.predict(images, topk=topk, tta=tta, bs=bs)
     shown = preds if csv_path is None else preds[:max_rows]

@@ -112,7 +112,7 @@ def _acquire(run_dir: Path, command: str | None) -> tuple[int | None, dict]:
     for _ in range(100):
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
-            import fcntl
+            import fcntl  # lazy: POSIX only (the ImportError is handled below)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read_fd(fd)
@@ -175,7 +175,7 @@ def check_unlocked(run_dir: str | Path) -> None:
     except OSError:
         return
     try:
-        import fcntl
+        import fcntl  # lazy: POSIX only (the ImportError is handled below)
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         raise _busy(Path(run_dir), _read_fd(fd)) from None

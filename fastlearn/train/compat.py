@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fastai.losses import FocalLoss, LabelSmoothingCrossEntropy
+from torch import nn
+
 from ..base.errors import RecipeError, RecipeMismatchError
 from ..base.ranks import is_main_process
 from ..core.optim import OptFunc
@@ -60,8 +63,6 @@ def _opt_settings(learn) -> dict:
 
 
 def _loss_settings(learn) -> dict:
-    from fastai.losses import FocalLoss, LabelSmoothingCrossEntropy
-    from torch import nn
     lf = getattr(learn, "loss_func", None)
     if lf is None:
         return {}

@@ -9,13 +9,18 @@ starts from a good solution instead of pushing gradients from a random head into
 """
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from fastai.callback.progress import ProgressCallback
+from fastai.data.core import DataLoaders
+from fastai.learner import Learner
 from fastai.torch_core import no_random
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from ..core.models import bn_layers, unwrap_model
 from ..core.optim import FixedSplit, split_decay
@@ -203,10 +208,6 @@ def head_learner(learn, cache: FeatureCache, bs: int, wd: float, seed: int = 0, 
     """A fastai `Learner` that trains `learn`'s own classifier (shared parameters) on cached features, with the
     same loss function, metrics and optimizer; no weight decay on the bias. Its `fit`, `lr_find` and
     `ParamScheduler` are fastai's: only the inputs are features instead of images."""
-    import random
-    from fastai.data.core import DataLoaders
-    from fastai.learner import Learner
-    from torch.utils.data import TensorDataset
     head = feature_head(learn.model)
     device = learner_device(learn)
     dls = DataLoaders.from_dsets(TensorDataset(cache.train_x, cache.train_y), TensorDataset(cache.valid_x, cache.valid_y),
@@ -216,7 +217,6 @@ def head_learner(learn, cache: FeatureCache, bs: int, wd: float, seed: int = 0, 
     groups, gmap = split_decay(head, [list(head.parameters())])
     hl = Learner(dls, head, loss_func=learn.loss_func, opt_func=learn.opt_func, splitter=FixedSplit(groups),
                  metrics=learn.metrics, wd=np.array(gmap.wd(wd)), wd_bn_bias=True, train_bn=True, cbs=cbs)
-    from fastai.callback.progress import ProgressCallback
     if ProgressCallback in [type(c) for c in hl.cbs]:
         hl.remove_cb(ProgressCallback)
     hl.logger = lambda *a, **k: None
