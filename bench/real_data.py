@@ -116,6 +116,28 @@ def _test_accuracy(learn, files) -> float:
     return _acc(*_test_probs(learn, files))
 
 
+def _probs_on(learn, dl):
+    "Softmax probabilities of `learn.model` over a labelled fastai DataLoader, and its labels."
+    import torch
+    model, was = learn.model, learn.model.training
+    model.eval()
+    probs, labels = [], []
+    with torch.no_grad():
+        for xb, yb in dl:
+            probs.append(model(xb).float().softmax(1).cpu().as_subclass(torch.Tensor))
+            labels.append(yb.cpu().as_subclass(torch.Tensor))
+    model.train(was)
+    return torch.cat(probs), torch.cat(labels)
+
+
+def _valid_nums(probs, labels, prefix: str) -> dict:
+    "Accuracy and cross-entropy (of the probabilities) on a validation set, as keep-best reads them."
+    import torch
+    probs, labels = probs.as_subclass(torch.Tensor), labels.as_subclass(torch.Tensor)
+    loss = torch.nn.functional.nll_loss(probs.clamp_min(1e-12).log(), labels)
+    return {prefix + "acc": _acc(probs, labels), prefix + "loss": float(loss)}
+
+
 def run_fastlearn(view: Path, overrides: dict, size: int, seed: int, out: Path) -> dict:
     from fastai.callback.core import Callback
     from fastlearn.train.learner import learner_from_recipe
@@ -124,24 +146,46 @@ def run_fastlearn(view: Path, overrides: dict, size: int, seed: int, out: Path) 
     t_test = [0.0]  # seconds spent on test passes inside the run: not the run's time
 
     class TestAtStages(Callback):
-        "Test accuracy before the first fine-tuning fit (the probe's weights) and at every stage end."
-        order = 95
+        """Test accuracy before the first fine-tuning fit (the probe's weights) and at every stage end; after every
+        fine-tuning epoch, the test and valid numbers of the network and of its average with the probe, so stopping
+        and ensembling rules can be scored offline on the same runs. The RNGs are put back after each pass, so the
+        passes do not change what the run trains."""
+        order = 84  # before the stage guard (85), which may end the fit in its after_epoch
         def __init__(self):
             self.at: list[tuple[str, float]] = []
-            self.probs, self.labels = {}, None
+            self.epochs: list[dict] = []
+            self.probs, self.labels, self.valid = {}, None, {}
+        def _passes(self):
+            from fastlearn.base.rng import rng_state, set_rng_state
+            st = rng_state(self.learn.dls)
+            test = _test_probs(self.learn, test_files)
+            valid = _probs_on(self.learn, self.learn.dls.valid)
+            set_rng_state(st, self.learn.dls)
+            return test, valid
         def _eval(self, name):
             t = time.perf_counter()
-            probs, labels = _test_probs(self.learn, test_files)
+            (probs, labels), valid = self._passes()
             self.at.append((name, _acc(probs, labels)))
             self.probs[name], self.labels = probs, labels
             if name == "probe":  # the probe with flip test-time augmentation
                 self.probs["probe+flip"] = (probs + _test_probs(self.learn, test_files, flip=True)[0]) / 2
+                self.valid["probe"] = valid
             t_test[0] += time.perf_counter() - t
         def _stage(self):
             return next((c.stage for c in self.learn.cbs if type(c).__name__ == "MetricsLog"), "?")
         def before_fit(self):
             if not self.at and self._stage() != "head":
                 self._eval("probe")
+        def after_epoch(self):
+            if self._stage() == "head" or "probe" not in self.probs:
+                return
+            t = time.perf_counter()
+            (probs, labels), (vp, vy) = self._passes()
+            pp, (pv, _) = self.probs["probe"], self.valid["probe"]
+            self.epochs.append({"stage": self._stage(), "epoch": self.epoch + 1, "test": _acc(probs, labels),
+                                "ens_test": _acc((pp + probs) / 2, labels), **_valid_nums(vp, vy, "valid_"),
+                                **_valid_nums((pv + vp) / 2, vy, "ens_valid_")})
+            t_test[0] += time.perf_counter() - t
         def after_fit(self):
             self._eval(self._stage())
 
@@ -161,6 +205,9 @@ def run_fastlearn(view: Path, overrides: dict, size: int, seed: int, out: Path) 
         if ends:  # the probe's and fine-tuning's predictions averaged (probe+FT logit ensembling, as probabilities)
             extra["ens_test"] = _acc((cb.probs["probe"] + cb.probs[ends[-1]]) / 2, labels)
             extra["ens_kept_test"] = _acc((cb.probs["probe"] + kept_probs) / 2, labels)
+    if "probe" in cb.valid:
+        extra["probe_valid_nums"] = _valid_nums(*cb.valid["probe"], "valid_")
+    extra["epochs"] = cb.epochs
     probe_test = next((a for n, a in cb.at if n == "probe"), None)
     if probe_test is None and res.kept and res.kept.get("stage") == "head":
         probe_test = kept_test
