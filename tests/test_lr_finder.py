@@ -164,6 +164,16 @@ def test_an_early_dip_is_not_the_descent_to_ride():
     assert start <= peak
 
 
+def test_a_short_sweeps_first_wiggle_is_not_the_descent():
+    "The digits quickstart's real 22-step sweep at seed 42: the peak lies in the late descent, not in the first points."
+    import json
+    d = json.loads((Path(__file__).parent / "fixtures" / "digits_seed42_sweep.json").read_text())
+    peak, start, at_min, _ = suggest_lrs(d["lrs"], d["losses"])
+    assert at_min == pytest.approx(0.1245, rel=0.01)
+    assert 3.7e-3 <= peak <= at_min / 3 + 1e-12, peak     # the loss falls from 3.7e-3 to its minimum
+    assert start <= peak
+
+
 # -- the fine-tuning LR rule on real sweep curves (tests/fixtures/lr_curves, from bench/lr_calibration.py) --------
 
 CURVES = sorted((Path(__file__).parent / "fixtures" / "lr_curves").glob("*.json"))

@@ -53,7 +53,7 @@ def suggest_lrs(lrs, losses, improve: float = 0.02) -> tuple[float, float, float
     of the descent that reaches the minimum (where the windowed slope of log-loss vs log-LR is still at least half the
     steepest), never above lr_at_min / 3 so it stays clear of blow-up. start: the LR from which the loss stays
     `improve` (relative) below the plateau before the descent. The first 5% of points (the smoothed loss is still
-    raw there) are never taken as the minimum.
+    raw there) are never taken as the minimum, nor the first tenth as the steepest point.
     """
     return _suggest(lrs, losses, improve)[:4]
 
@@ -85,7 +85,10 @@ def _suggest(lrs, losses, improve: float) -> tuple[float, float, float, bool, st
     skip = max(1, cut // 20)  # the first smoothed values are nearly raw losses: too noisy to be the minimum
     i_min = skip + int(np.argmin(y[skip:]))
     lr_at_min = float(lrs[i_min])
-    slope = _slopes(x, y, w=max(2, cut // 20))
+    # nor the steepest point: slopes are fitted from the first tenth on (as fastai's suggesters drop it), so a short
+    # sweep's first wiggle is not read as the descent
+    s0 = max(skip, cut // 10)
+    slope = np.concatenate([np.full(s0, np.nan), _slopes(x[s0:], y[s0:], w=max(2, cut // 20))])
     region = np.full(i_min + 1, np.nan)
     region[skip:] = slope[skip: i_min + 1]
     descent = not (i_min - skip < 3 or not np.isfinite(region).any() or np.nanmin(region) >= 0)
