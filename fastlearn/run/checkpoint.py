@@ -247,8 +247,8 @@ class Checkpointer(Callback):
         b = st.state.get("best")
         self.best = (float(b[0]), int(b[1])) if b else None
 
-    # position of the current fit within its stage (ResumeAt runs a stage's remaining epochs)
-    def _offset(self) -> int:
+    def epochs_before_fit(self) -> int:
+        "Epochs of the current stage done before this fit (ResumeAt runs a stage's remaining epochs)."
         r = getattr(self.learn, "resume_at", None)
         return r.epoch_offset if r is not None else 0
 
@@ -265,16 +265,17 @@ class Checkpointer(Callback):
         if ga is not None and ga.count:  # gradients are mid-accumulation: not a state a checkpoint can hold
             return
         if self.every_steps and self.global_step % self.every_steps == 0 and done < self.n_iter:
-            self.save(epoch=self.epoch + self._offset(), iter=done)
+            self.save(epoch=self.epoch + self.epochs_before_fit(), iter=done)
 
     def after_epoch(self):
-        off = self._offset()
+        off = self.epochs_before_fit()
         epoch, total = self.epoch + 1 + off, self.n_epoch + off
         last = self.epoch + 1 == self.n_epoch
         if last or (self.every_epochs and epoch % self.every_epochs == 0):
-            self.save(epoch=epoch, iter=0, valid_loss=self._valid_loss(), stage_epochs=total)
+            self.save(epoch=epoch, iter=0, valid_loss=self.epoch_valid_loss(), stage_epochs=total)
 
-    def _valid_loss(self) -> float | None:
+    def epoch_valid_loss(self) -> float | None:
+        "The validation loss of the epoch that just ended (None before any validation)."
         rec = getattr(self.learn, "recorder", None)
         v = None if rec is None else epoch_metrics(rec).get("valid_loss")
         return float(v) if v is not None else None
@@ -294,7 +295,7 @@ class Checkpointer(Callback):
         rec = getattr(self.learn, "recorder", None)
         state = plain({
             "position": {"step": step, "stage": self.stage_index, "epoch": epoch, "iter": iter,
-                         "stage_epochs": stage_epochs if stage_epochs is not None else self.n_epoch + self._offset()},
+                         "stage_epochs": stage_epochs if stage_epochs is not None else self.n_epoch + self.epochs_before_fit()},
             "valid_loss": valid_loss, "best": list(best) if best else None, "history": history,
             "optimizer": self.opt.state_dict() if self.opt is not None else None,
             "rng": rng,

@@ -144,7 +144,7 @@ class StopOnSignal(Callback):
 
     def _clock(self) -> tuple[int, int]:
         "Epochs of the stage done before this fit (after a resume) and the stage's epochs in all."
-        off = self.learn.checkpointer._offset()
+        off = self.learn.checkpointer.epochs_before_fit()
         return off, self.n_epoch + off
 
     def _stage(self) -> str:
@@ -186,7 +186,7 @@ class StopOnSignal(Callback):
             return
         off, total = self._clock()
         ck, epoch = self.learn.checkpointer, self.epoch + 1 + off
-        path = self._save(epoch=epoch, iter=0, valid_loss=ck._valid_loss(), stage_epochs=total)
+        path = self._save(epoch=epoch, iter=0, valid_loss=ck.epoch_valid_loss(), stage_epochs=total)
         self._stop = _Stop(signum, f"{self._stage()} after epoch {epoch}/{total}", path, saved=True)
         raise CancelFitException()
 
