@@ -91,20 +91,24 @@ def make_view(src: Path, dest: Path, n_train: int | None, n_valid: int | None, n
 
 # -- one method, in its own process ---------------------------------------------------------------------
 
-def _test_probs(learn, files, flip: bool = False):
-    """Softmax probabilities of `learn.model` on `files` (labelled by their parent folder) through the valid
-    transforms, and the labels; `flip`: of the horizontally flipped images."""
+def _probs_on(learn, dl, flip: bool = False):
+    """Softmax probabilities of `learn.model` over a labelled fastai DataLoader, and its labels (plain tensors);
+    `flip`: of the horizontally flipped images."""
     import torch
-    dl = learn.dls.test_dl(files, with_labels=True)
     model, was = learn.model, learn.model.training
     model.eval()
     probs, labels = [], []
     with torch.no_grad():
         for xb, yb in dl:
-            probs.append(model(xb.flip(-1) if flip else xb).float().softmax(1).cpu())
-            labels.append(yb.cpu())
+            probs.append(model(xb.flip(-1) if flip else xb).float().softmax(1).cpu().as_subclass(torch.Tensor))
+            labels.append(yb.cpu().as_subclass(torch.Tensor))
     model.train(was)
     return torch.cat(probs), torch.cat(labels)
+
+
+def _test_probs(learn, files, flip: bool = False):
+    "`_probs_on` the images `files` (labelled by their parent folder) through the valid transforms."
+    return _probs_on(learn, learn.dls.test_dl(files, with_labels=True), flip)
 
 
 def _acc(probs, labels) -> float:
@@ -116,24 +120,9 @@ def _test_accuracy(learn, files) -> float:
     return _acc(*_test_probs(learn, files))
 
 
-def _probs_on(learn, dl):
-    "Softmax probabilities of `learn.model` over a labelled fastai DataLoader, and its labels."
-    import torch
-    model, was = learn.model, learn.model.training
-    model.eval()
-    probs, labels = [], []
-    with torch.no_grad():
-        for xb, yb in dl:
-            probs.append(model(xb).float().softmax(1).cpu().as_subclass(torch.Tensor))
-            labels.append(yb.cpu().as_subclass(torch.Tensor))
-    model.train(was)
-    return torch.cat(probs), torch.cat(labels)
-
-
 def _valid_nums(probs, labels, prefix: str) -> dict:
     "Accuracy and cross-entropy (of the probabilities) on a validation set, as keep-best reads them."
     import torch
-    probs, labels = probs.as_subclass(torch.Tensor), labels.as_subclass(torch.Tensor)
     loss = torch.nn.functional.nll_loss(probs.clamp_min(1e-12).log(), labels)
     return {prefix + "acc": _acc(probs, labels), prefix + "loss": float(loss)}
 
@@ -155,20 +144,23 @@ def run_fastlearn(view: Path, overrides: dict, size: int, seed: int, out: Path) 
             self.at: list[tuple[str, float]] = []
             self.epochs: list[dict] = []
             self.probs, self.labels, self.valid = {}, None, {}
-        def _passes(self):
+        def _passes(self, valid: bool = True, flip: bool = False):
+            "Test probabilities, and the valid and flipped-test ones when asked; the RNGs put back after the passes."
             from fastlearn.base.rng import rng_state, set_rng_state
             st = rng_state(self.learn.dls)
             test = _test_probs(self.learn, test_files)
-            valid = _probs_on(self.learn, self.learn.dls.valid)
+            v = _probs_on(self.learn, self.learn.dls.valid) if valid else None
+            flipped = _test_probs(self.learn, test_files, flip=True)[0] if flip else None
             set_rng_state(st, self.learn.dls)
-            return test, valid
+            return test, v, flipped
         def _eval(self, name):
             t = time.perf_counter()
-            (probs, labels), valid = self._passes()
+            probe = name == "probe"
+            (probs, labels), valid, flipped = self._passes(valid=probe, flip=probe)
             self.at.append((name, _acc(probs, labels)))
             self.probs[name], self.labels = probs, labels
-            if name == "probe":  # the probe with flip test-time augmentation
-                self.probs["probe+flip"] = (probs + _test_probs(self.learn, test_files, flip=True)[0]) / 2
+            if probe:  # the probe with flip test-time augmentation, and its valid probabilities
+                self.probs["probe+flip"] = (probs + flipped) / 2
                 self.valid["probe"] = valid
             t_test[0] += time.perf_counter() - t
         def _stage(self):
@@ -180,7 +172,7 @@ def run_fastlearn(view: Path, overrides: dict, size: int, seed: int, out: Path) 
             if self._stage() == "head" or "probe" not in self.probs:
                 return
             t = time.perf_counter()
-            (probs, labels), (vp, vy) = self._passes()
+            (probs, labels), (vp, vy), _ = self._passes()
             pp, (pv, _) = self.probs["probe"], self.valid["probe"]
             self.epochs.append({"stage": self._stage(), "epoch": self.epoch + 1, "test": _acc(probs, labels),
                                 "ens_test": _acc((pp + probs) / 2, labels), **_valid_nums(vp, vy, "valid_"),
