@@ -1,7 +1,7 @@
 """Schedules sized in steps: the batch-size and head-length rules against their definitions."""
 import pytest
 
-from fastlearn.core.budget import batch_size_for, feature_batch_size, feature_epochs
+from fastlearn.core.budget import batch_size_for, feature_batch_size, feature_epochs, ft_lr_cap
 
 
 @pytest.mark.parametrize("n_train,epochs,expected", [
@@ -36,3 +36,16 @@ def test_feature_head_length():
     ep = feature_epochs(245, bs, 300)
     assert ep * (245 // bs) >= 300 > (ep - 1) * (245 // bs)
     assert feature_epochs(10, 64, 300, max_epochs=50) == 50
+
+
+@pytest.mark.parametrize("n_train,n_classes,expected", [
+    (200, 10, 1e-4),     # 20 per class: the small-data cap
+    (399, 10, 1e-4),     # 39.9 per class: still below 40
+    (400, 10, 3e-4),     # 40 per class: the threshold itself is not small
+    (800, 10, 3e-4),     # 80 per class
+    (245, 2, 3e-4),      # 122 per class
+    (30, 0, 1e-4),       # no classes known: the images count as one class
+])
+def test_ft_lr_cap_is_the_small_cap_below_the_images_per_class_threshold(n_train, n_classes, expected):
+    assert ft_lr_cap(3e-4, 1e-4, 40, n_train, n_classes) == expected
+    assert ft_lr_cap(3e-4, None, 40, n_train, n_classes) == 3e-4      # no small cap: one cap at every size

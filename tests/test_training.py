@@ -119,6 +119,18 @@ def test_head_trains_on_cached_features_then_fine_tunes(feature_run):
     assert summary["kept"]["stage"] in {"final"} | {s["stage"] for s in res.stages} and summary["kept"]["why"]
 
 
+def test_a_few_images_per_class_cap_the_fine_tuning_lr_at_ft_lr_max_small(feature_run, image_folder, tmp_path,
+                                                                          capsys):
+    r = feature_run.recipe
+    assert r.ft_lr_max_small == 1e-4 and r.small_per_class == 40 and r.ft_lr_max == 3e-4  # the transfer preset
+    assert feature_run.peak_lr * r.ft_lr_factor > 3e-4, "the head's LR must be above both caps for this test"
+    assert feature_run.ft_peak_lr == pytest.approx(1e-4)           # the image folder has < 40 images per class
+    res = _feature_run(image_folder, tmp_path / "run", ft_lr_max_small=5e-5)
+    assert res.ft_peak_lr == pytest.approx(5e-5)
+    out = capsys.readouterr().out
+    assert "fine-tuning LR capped at 5.0e-05 (ft_lr_max_small)" in out and "fewer than small_per_class = 40" in out
+
+
 def test_keep_best_restores_the_head_when_fine_tuning_wrecks_it(image_folder, tmp_path):
     res = _feature_run(image_folder, tmp_path / "run", ft_lr=3.0, epochs=2)  # an absurd fine-tuning LR
     head = res.stages[0]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["batch_size_for", "feature_epochs", "feature_batch_size"]
+__all__ = ["batch_size_for", "feature_epochs", "feature_batch_size", "ft_lr_cap"]
 
 
 def batch_size_for(n_train: int, epochs: int, min_steps: int = 100, bs_max: int = 64, bs_min: int = 16) -> int:
@@ -38,3 +38,14 @@ def feature_epochs(n_train: int, bs: int, steps: int, max_epochs: int = 200) -> 
     "Epochs of the head on cached features that give at least `steps` optimizer steps (at most `max_epochs`)."
     per_epoch = max(1, n_train // bs)
     return int(min(max_epochs, max(1, math.ceil(steps / per_epoch))))
+
+
+def ft_lr_cap(ft_lr_max: float, ft_lr_max_small: float | None, small_per_class: float, n_train: int,
+              n_classes: int) -> float:
+    """The cap on the fine-tuning peak LR for `n_train` training images in `n_classes` classes: `ft_lr_max_small`
+    when they average fewer than `small_per_class` images per class, else `ft_lr_max`. A few images per class overfit
+    a step size that more of them need (chosen on the corpus by leave-one-dataset-out: bench/real_data.py,
+    02_fine_tuning). `ft_lr_max_small=None`: `ft_lr_max` at every size."""
+    if ft_lr_max_small is None or n_train >= small_per_class * max(1, n_classes):
+        return ft_lr_max
+    return ft_lr_max_small

@@ -69,6 +69,9 @@ class Recipe:
                                         # measured best of 0.1-3 on real photos (bench/lr_calibration.py)
     ft_lr_max: float = 3e-3             # ... capped here: the largest fine-tuning LR measured good (higher ones broke
                                         # the body on real photos: 8.8e-3 sent clothing's valid loss from 0.41 to 7.6)
+    ft_lr_max_small: float | None = None  # ... or capped here when the training images average fewer than
+                                        # small_per_class per class (None = ft_lr_max at every size)
+    small_per_class: float = 40.0       # training images per class below which ft_lr_max_small caps the LR
     train_bn: bool = True               # BatchNorm in frozen groups keeps training (fastai); false: frozen groups are
                                         # frozen whole, so backward stops at the lowest trainable group (cheaper steps)
     keep_best: bool = True              # end with the best stage end's weights (by validation metric, then loss)
@@ -172,6 +175,7 @@ _RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "size": (16, None, "ge"), "valid_size": (16, None, "ge"), "bs": (1, None, "ge"), "min_steps": (1, None, "ge"),
     "head_steps": (1, None, "ge"), "adapt_bn_shift": (0, None, "ge"), "ft_lr": (0, None, "low"),
     "ft_lr_factor": (0, None, "low"), "ft_lr_max": (0, None, "low"),
+    "ft_lr_max_small": (0, None, "low"), "small_per_class": (0, None, "low"),
     "valid_pct": (0, 1, "open"), "random_erasing": (0, 1, "closed"),
     "lr": (0, None, "low"), "lr_ratio": (1, None, "ge"), "head_epochs": (0, None, "ge"),
     "unfreeze_epochs": (0, None, "ge"), "epochs": (0, None, "ge"), "unfreeze_step": (1, None, "ge"),

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..base.console import say
 from ..base.progress import summary_table
 from ..base.ranks import broadcast_object, global_batch_size, is_main_process
+from ..core.budget import ft_lr_cap
 from ..core.recipes import Recipe, load_recipe
 from ..core.schedules import UnfreezeStage, scale_lr
 from ..core.targets import learner_multi_label
@@ -119,7 +120,7 @@ def _run_recipe(learn, r: Recipe, run_dir: Path, resume: bool = False, checkpoin
         _checkpoint_head(learn, run, ckpt)  # a resume skips the head stage (and its feature pass)
     else:
         run.peak = _body_peak(learn, r, run, total_steps)
-    plan = with_lrs(groups, learn.n_layer_groups, run.peak, _ft_peak(r, run, groups))
+    plan = with_lrs(groups, learn.n_layer_groups, run.peak, _ft_peak(r, run, groups, learn))
     say(plan_text(plan, learn.n_layer_groups, len(learn.dls.train), r.lr_ratio))
     for i, st in enumerate(plan):
         at = run.resume_point(learn, i, st)  # None: skipped; []: from its start; [ResumeAt]: where it stopped
@@ -200,14 +201,24 @@ def _body_peak(learn, r: Recipe, run: RunState, total_steps: int) -> float:
     return peak
 
 
-def _ft_peak(r: Recipe, run: RunState, groups: list) -> float:
+def _ft_peak(r: Recipe, run: RunState, groups: list, learn) -> float:
     """The first fine-tuning stage's peak LR, resolved once (a checkpoint written later holds it): the recipe's
     `ft_lr`, scaled to the global batch as `lr` is; else after the head on features ft_lr_factor x the head's LR
-    (calibrated for the valley rule on the head's sweep), capped at ft_lr_max; else (one sweep of the whole model)
-    the head's LR x the first fine-tuning stage's lr_mult, as the stage plan says."""
+    (calibrated for the valley rule on the head's sweep), capped at ft_lr_max (ft_lr_max_small for a few images per
+    class: `ft_lr_cap`); else (one sweep of the whole model) the head's LR x the first fine-tuning stage's lr_mult,
+    as the stage plan says."""
     if run.ft_peak is None:  # a new run, or a resume from the head's checkpoint (written before this was resolved)
-        run.ft_peak = _at_global_batch(r, r.ft_lr) if r.ft_lr is not None else \
-            min(run.peak * r.ft_lr_factor, r.ft_lr_max) if run.on_features else run.peak * first_ft_mult(groups)
+        if r.ft_lr is not None:
+            run.ft_peak = _at_global_batch(r, r.ft_lr)
+        elif run.on_features:
+            n_train, n_classes = len(learn.dls.train_ds), getattr(learn.dls, "c", None) or 1
+            cap = ft_lr_cap(r.ft_lr_max, r.ft_lr_max_small, r.small_per_class, n_train, n_classes)
+            run.ft_peak = min(run.peak * r.ft_lr_factor, cap)
+            if cap != r.ft_lr_max and run.ft_peak == cap:
+                say(f"fine-tuning LR capped at {cap:.1e} (ft_lr_max_small): {n_train / max(1, n_classes):.0f} "
+                    f"training images per class, fewer than small_per_class = {r.small_per_class:g}")
+        else:
+            run.ft_peak = run.peak * first_ft_mult(groups)
     return run.ft_peak
 
 
