@@ -40,6 +40,18 @@ def test_features_leave_model_and_rngs_alone(learner):
     assert torch.equal(torch.get_rng_state(), states[2])
 
 
+def test_channels_last_features_are_the_same_features(image_folder):
+    from fastlearn.train.learner import learner_from_recipe
+    learn, _ = learner_from_recipe(image_folder, "transfer", {"arch": "test_efficientnet", "pretrained": False,
+                                                              "size": 32, "bs": 8}, progress=False)
+    nchw = extract_features(learn, bs=8)
+    nhwc = extract_features(learn, bs=8, channels_last=True)
+    conv = next(m for m in learn.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)   # left as fine-tuning will run it
+    assert torch.allclose(nchw.train_x, nhwc.train_x, atol=1e-5) and torch.allclose(nchw.valid_x, nhwc.valid_x, atol=1e-5)
+    assert torch.equal(nchw.train_y, nhwc.train_y)
+
+
 def test_head_on_features_is_the_models_head(learner):
     f = extract_features(learner, bs=8)
     hl = head_learner(learner, f, bs=8, wd=0.01)

@@ -12,7 +12,7 @@ from skimage.transform import resize
 
 from fastlearn.core import models
 from fastlearn.base.errors import LabelRangeError, UnknownArchError, WeightsError
-from fastlearn.core.models import OFFLINE_WEIGHTS, check_head, create_model, is_convolutional, load_offline_weights, model_input_size, model_n_out, model_stats, offline_weights_path
+from fastlearn.core.models import OFFLINE_WEIGHTS, check_head, create_model, has_depthwise_bn, is_convolutional, load_offline_weights, model_input_size, model_n_out, model_stats, offline_weights_path
 
 LITE0 = "tf_efficientnet_lite0"
 
@@ -111,6 +111,12 @@ def test_model_stats_and_input_size():
     assert model_stats("resnet18") == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     assert model_input_size(LITE0) == 224
     assert model_input_size("test_resnet") == 160
+
+
+def test_has_depthwise_bn_is_the_inverted_residual_family():
+    assert has_depthwise_bn(timm.create_model("test_efficientnet"))        # depthwise convs + BatchNorm
+    assert not has_depthwise_bn(timm.create_model("test_resnet"))          # BatchNorm, no depthwise conv
+    assert not has_depthwise_bn(timm.create_model("test_convnext"))        # depthwise convs, LayerNorm
 
 
 def test_is_convolutional():

@@ -2,6 +2,7 @@
 import io
 
 import pytest
+import timm
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
@@ -164,6 +165,10 @@ def test_channels_last_policy():
     assert use_channels_last(None, conv, "cpu") is False
     assert use_channels_last(None, vit, "cuda") is False
     assert use_channels_last(True, vit, "cpu") is True and use_channels_last(False, conv, "cuda") is False
+    # on the CPU only the depthwise + BatchNorm family (faster there in NHWC); ConvNeXt (LayerNorm) and ResNets stay NCHW
+    effnet, convnext = (timm.create_model(a) for a in ("test_efficientnet", "test_convnext"))
+    assert use_channels_last(None, effnet, "cpu") is True and use_channels_last(None, convnext, "cpu") is False
+    assert use_channels_last(None, convnext, "cuda") is True and use_channels_last(False, effnet, "cpu") is False
 
 
 def test_channels_last_callback_converts_model_and_batch():

@@ -18,7 +18,7 @@ from ..base.errors import LabelRangeError, UnknownArchError, WeightsError
 
 
 __all__ = ["create_model", "bn_layers", "Ensemble", "check_arch", "load_offline_weights", "offline_weights_path",
-           "OFFLINE_WEIGHTS", "OfflineWeights", "model_stats", "model_input_size", "is_convolutional", "check_head",
+           "OFFLINE_WEIGHTS", "OfflineWeights", "model_stats", "model_input_size", "is_convolutional", "has_depthwise_bn", "check_head",
            "model_n_out", "classifier_param_names", "unwrap_model"]
 
 
@@ -236,6 +236,15 @@ def is_convolutional(model: nn.Module) -> bool:
     "True when `model` has Conv2d layers and no self-attention blocks, i.e. channels_last is likely to pay off."
     mods = list(unwrap_model(model).modules())
     return any(isinstance(m, nn.Conv2d) for m in mods) and not any(_is_attention(m) for m in mods)
+
+
+def has_depthwise_bn(model: nn.Module) -> bool:
+    """True when `model` has depthwise convolutions (groups = input channels > 1) and BatchNorm layers: the
+    inverted-residual family (EfficientNet, MobileNet, MNASNet), whose CPU kernels are faster in channels_last
+    (bench/channels_last_cpu.py), unlike ResNets (slower at 64 px) and ConvNeXt (LayerNorm, no faster)."""
+    mods = list(unwrap_model(model).modules())
+    return (any(isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels for m in mods)
+            and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in mods))
 
 
 def model_n_out(model: nn.Module) -> int | None:

@@ -127,7 +127,7 @@ class Recipe:
     resize_multiple: int = 32
     # -- speed and scale
     precision: Precision = "auto"       # auto: bf16 where supported, fp16 elsewhere on CUDA, fp32 on CPU
-    channels_last: bool | None = None   # None = on for conv nets on CUDA
+    channels_last: bool | None = None   # None = on for conv nets on CUDA, depthwise + BN ones on the CPU
     compile: bool = False               # torch.compile after the last unfreeze
     sync_bn: bool = False               # SyncBatchNorm when distributed
     num_workers: int | None = None      # DataLoader worker processes (None = data.default_num_workers())

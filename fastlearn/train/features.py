@@ -92,14 +92,15 @@ def supports_feature_head(model: nn.Module, size: int = 32) -> bool:
 
 
 def extract_features(learn, bs: int = 64, max_train: int | None = None, seed: int = 0,
-                     adapt_bn_above: float | None = None) -> FeatureCache:
+                     adapt_bn_above: float | None = None, channels_last: bool = False) -> FeatureCache:
     """One pass of the frozen body over the training and validation images, in eval mode with the validation
     transforms, without gradients; also the BatchNorm-statistics shift on the training images.
 
     For images far from the pretraining data (a shift above `adapt_bn_above`) the BN running statistics are
     re-estimated on the training images (AdaBN), the features computed again with them, and the model keeps those
     statistics: the head is fitted under the statistics fine-tuning starts from. Else the model is left as it was;
-    the global random states always are. `max_train` caps the training images (a seeded random subset)."""
+    the global random states always are. `max_train` caps the training images (a seeded random subset);
+    `channels_last`: the model and batches in NHWC (the model stays so, as fine-tuning will run it)."""
     t0 = time.perf_counter()
     dls = learn.dls
     if len(dls.train_ds) == 0 or len(dls.valid_ds) == 0:
@@ -107,6 +108,9 @@ def extract_features(learn, bs: int = 64, max_train: int | None = None, seed: in
                          f"{len(dls.valid_ds)}; add images (or a validation split)")
     learn.model.to(learner_device(learn))  # where fit would put it; the batches come on dls.device
     model = unwrap_model(learn.model)
+    fmt = torch.channels_last if channels_last else None
+    if fmt is not None:
+        model.to(memory_format=fmt)
     n_train = len(dls.train_ds)
     tr_idx = list(range(n_train))
     if max_train is not None and n_train > max_train:
@@ -118,19 +122,20 @@ def extract_features(learn, bs: int = 64, max_train: int | None = None, seed: in
     try:
         with no_random(seed), torch.no_grad():  # DataLoader.new draws from the global RNGs: leave them as they were
             with bn:
-                xtr, ytr = pooled_features(model, subset_loader(dls, dls.train_ds, tr_idx, bs))
+                xtr, ytr = pooled_features(model, subset_loader(dls, dls.train_ds, tr_idx, bs), fmt)
             shift = bn.shift()
             if adapt_bn_above is not None and bn.layers and shift > adapt_bn_above:
-                _adapt_bn(model, bn.layers, subset_loader(dls, dls.train_ds, tr_idx, bs))
+                _adapt_bn(model, bn.layers, subset_loader(dls, dls.train_ds, tr_idx, bs), fmt)
                 adapted = True
-                xtr, ytr = pooled_features(model, subset_loader(dls, dls.train_ds, tr_idx, bs))
-            xva, yva = pooled_features(model, subset_loader(dls, dls.valid_ds, list(range(len(dls.valid_ds))), bs))
+                xtr, ytr = pooled_features(model, subset_loader(dls, dls.train_ds, tr_idx, bs), fmt)
+            xva, yva = pooled_features(model, subset_loader(dls, dls.valid_ds, list(range(len(dls.valid_ds))), bs),
+                                       fmt)
     finally:
         model.train(was)
     return FeatureCache(xtr, ytr, xva, yva, shift, len(bn.layers), time.perf_counter() - t0, adapted)
 
 
-def _adapt_bn(model: nn.Module, layers: list, dl) -> None:
+def _adapt_bn(model: nn.Module, layers: list, dl, fmt=None) -> None:
     "AdaBN: the BN layers' running statistics re-estimated as the plain average over `dl` (other layers in eval)."
     moms = [m.momentum for m in layers]
     for m in layers:
@@ -139,7 +144,7 @@ def _adapt_bn(model: nn.Module, layers: list, dl) -> None:
         m.train()
     try:
         for xb, _ in dl:
-            model.forward_features(xb.as_subclass(torch.Tensor))
+            model.forward_features(_plain(xb, fmt))
     finally:
         for m, mom in zip(layers, moms):
             m.momentum = mom
@@ -154,11 +159,17 @@ def subset_loader(dls, ds, idx: list[int], bs: int):
     return dls.valid.new(dataset=[ds[i] for i in idx], **kw)
 
 
-def pooled_features(model: nn.Module, dl) -> tuple[torch.Tensor, torch.Tensor]:
-    "Pooled pre-logits features (timm) and labels for every batch of `dl`, on the CPU."
+def _plain(xb, fmt=None) -> torch.Tensor:
+    "A batch as a plain tensor (fastai's TensorImage routes every op through __torch_function__: slow), in `fmt`."
+    xb = xb.as_subclass(torch.Tensor)
+    return xb if fmt is None else xb.contiguous(memory_format=fmt)
+
+
+def pooled_features(model: nn.Module, dl, fmt=None) -> tuple[torch.Tensor, torch.Tensor]:
+    "Pooled pre-logits features (timm) and labels for every batch of `dl`, on the CPU; batches in memory format `fmt`."
     xs, ys = [], []
     for xb, yb in dl:
-        xb = xb.as_subclass(torch.Tensor)  # fastai's TensorImage routes every op through __torch_function__: slow
+        xb = _plain(xb, fmt)
         xs.append(model.forward_head(model.forward_features(xb), pre_logits=True).flatten(1).float().cpu())
         ys.append(torch.as_tensor(yb).as_subclass(torch.Tensor).cpu())
     y = torch.cat(ys)

@@ -13,6 +13,7 @@ from ..base.ranks import broadcast_object, is_distributed, is_main_process
 from ..core.budget import feature_batch_size, feature_epochs
 from ..core.lr_finder import lr_find, plot_lr_find, suggest
 from ..core.schedules import one_cycle_scheds
+from ..fit.precision import learner_device, use_channels_last
 from .features import extract_features, head_learner, supports_feature_head
 from .strategy import decide, stats_from_features
 from ..base.progress import epoch_metrics, first_metric
@@ -35,7 +36,8 @@ def head_on_features(learn, r: Recipe, run) -> None:
     run's (a `RunState`) strategy, head peak LR and probe, and adds the head's stage row."""
     timings = run.timings
     ts = time.perf_counter()
-    feats = extract_features(learn, bs=max(32, r.bs or 32), seed=r.seed, adapt_bn_above=r.adapt_bn_shift)
+    feats = extract_features(learn, bs=max(32, r.bs or 32), seed=r.seed, adapt_bn_above=r.adapt_bn_shift,
+                             channels_last=use_channels_last(r.channels_last, learn.model, learner_device(learn)))
     timings["features"] = time.perf_counter() - ts
     n = len(feats.train_y)
     bs = feature_batch_size(n)
