@@ -9,7 +9,7 @@ import torch
 from fastai.learner import Learner
 from torch import nn
 
-from fastlearn.core.lr_finder import learner_snapshot, lr_find, suggest_lrs
+from fastlearn.core.lr_finder import LRSweep, learner_snapshot, lr_find, suggest_lrs, sweep_beta
 from fastlearn.core.optim import opt_func
 from conftest import synthetic_dls
 
@@ -172,6 +172,35 @@ def test_a_short_sweeps_first_wiggle_is_not_the_descent():
     assert at_min == pytest.approx(0.1245, rel=0.01)
     assert 3.7e-3 <= peak <= at_min / 3 + 1e-12, peak     # the loss falls from 3.7e-3 to its minimum
     assert start <= peak
+
+
+
+def test_a_short_sweep_smooths_over_its_own_length():
+    """The digits quickstart's real 22-step sweep at seed 6 (raw losses): with fastai's 0.98 smoothing the curve is
+    nearly a running mean, its lowest point the second batch, and the peak 2.4e-8 (the run learnt nothing: 0.156);
+    smoothed over half the sweep (`sweep_beta`), the peak lies in the descent the loss takes from 1e-3 on."""
+    import json
+    from types import SimpleNamespace
+    from fastai.learner import AvgSmoothLoss
+    assert sweep_beta(100) == 0.98 and sweep_beta(200) == 0.98 and sweep_beta(22) == pytest.approx(1 - 2 / 22)
+    assert LRSweep(1e-7, 10, 22).smooth.beta == sweep_beta(22)
+    d = json.loads((Path(__file__).parent / "fixtures" / "digits_seed6_sweep.json").read_text())
+
+    def smoothed(beta):
+        avg, out = AvgSmoothLoss(beta), []
+        for x in d["raw_losses"]:
+            avg.accumulate(SimpleNamespace(loss=torch.tensor(x)))
+            out.append(float(avg.value))
+        return out
+    assert suggest_lrs(d["lrs"], smoothed(0.98))[0] < 1e-7
+    assert 3e-3 <= suggest_lrs(d["lrs"], smoothed(sweep_beta(len(d["lrs"]))))[0] <= 5e-2
+
+
+def test_a_sweep_of_100_steps_records_the_recorders_smoothed_loss():
+    "From 100 steps on the sweep's curve is fastai's own smoothed loss, bitwise (its suggestions as before)."
+    learn, sweep = tiny_learner(), LRSweep(1e-7, 10, 100, stop_div=False)
+    learn.fit(20, cbs=[sweep])  # the sweep ends the fit at its 100th step
+    assert len(sweep.losses) == 100 and sweep.losses == [float(v) for v in learn.recorder.losses]
 
 
 # -- the fine-tuning LR rule on real sweep curves (tests/fixtures/lr_curves, from bench/lr_calibration.py) --------
