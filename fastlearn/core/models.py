@@ -18,8 +18,8 @@ from ..base.errors import LabelRangeError, UnknownArchError, WeightsError
 
 
 __all__ = ["create_model", "bn_layers", "Ensemble", "check_arch", "load_offline_weights", "offline_weights_path",
-           "OFFLINE_WEIGHTS", "OfflineWeights", "model_stats", "model_input_size", "is_convolutional", "has_depthwise_bn", "check_head",
-           "model_n_out", "classifier_param_names", "unwrap_model"]
+           "OFFLINE_WEIGHTS", "OfflineWeights", "model_stats", "model_input_size", "is_convolutional", "has_depthwise_bn",
+           "check_head", "model_n_out", "classifier_param_names", "unwrap_model"]
 
 
 @dataclass(frozen=True)
