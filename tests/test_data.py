@@ -517,3 +517,26 @@ def test_csv_only_arguments_on_a_class_folder_are_refused(tmp_path):
     dls = image_dls(root, size=8, **CPU)  # the class-folder layout is unchanged
     assert dls.folder_report.layout == "flat" and not dls.multi_label
     assert label_info(dls) == {"multi_label": False, "threshold": None, "classes": ["cat", "dog"]}
+
+
+@pytest.mark.parametrize("split_idx", [0, 1])
+def test_item_resize_gives_fastais_pixels(split_idx):
+    "The item Resize skips fastai's zero-pixel pad and nothing else: every crop and size gives fastai's exact pixels."
+    import random
+
+    import numpy as np
+    from fastai.vision.augment import Resize
+    from fastai.vision.core import PILImage
+
+    rng = np.random.default_rng(split_idx)
+    for trial in range(60):
+        w, h = (int(v) for v in rng.integers(5, 90, 2))
+        im = PILImage.create(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
+        size = int(rng.integers(8, 70))
+        ours, theirs = data_mod._Resize(size), Resize(size)
+        random.seed(trial)  # the same random crop place on train
+        a = ours(im, split_idx=split_idx)
+        random.seed(trial)
+        b = theirs(im, split_idx=split_idx)
+        assert type(a) is type(b) and a.size == b.size == (size, size)
+        assert np.array_equal(np.asarray(a), np.asarray(b)), (w, h, size)
