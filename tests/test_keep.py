@@ -81,3 +81,50 @@ def test_a_later_candidate_replaces_the_best_only_when_clearly_better(tmp_path):
     assert keep.offer(model, probe)
     assert not keep.offer(model, Candidate("all", 0.82, 0.3)) and keep.best.stage == "head"  # two images: noise
     assert keep.offer(model, Candidate("all", 0.86, 0.3)) and keep.best.stage == "all"
+
+
+def test_the_stage_guard_goes_back_to_the_last_epoch_that_was_not_worse(dls, seeded):
+    """A fit whose second epoch wrecks the network: the guard stops there, and the network holds epoch 1's weights
+    again (what keep-best and the ensemble then judge), not the wrecked ones."""
+    from fastai.callback.core import Callback
+    from fastai.learner import Learner
+    from fastai.metrics import accuracy
+    from fastlearn.fit.keep import StopWhenWorse
+
+    class Wreck(Callback):  # epoch `at` ends with every prediction turned around, just before validation
+        def __init__(self, at: int): self.at = at
+        def before_validate(self):
+            if self.epoch == self.at:
+                with torch.no_grad():
+                    for p in self.model.parameters():
+                        p.neg_()
+
+    class Snapshot(Callback):  # the weights at the end of each epoch, before the guard (order 85) looks
+        order = 80
+        def before_fit(self): self.ends = []
+        def after_epoch(self): self.ends.append({k: v.clone() for k, v in self.model.state_dict().items()})
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3))
+    learn = Learner(dls, model, loss_func=nn.CrossEntropyLoss(), metrics=accuracy, lr=1e-3)
+    keep = KeepBest(n_valid=len(dls.valid_ds))
+    loss, acc = learn.validate()
+    keep.offer(learn.model, Candidate("head", float(acc), float(loss)))  # the start: an untrained linear layer
+    guard, snap = StopWhenWorse(keep, clock=lambda: 0.0), Snapshot()
+    guard.stage = "all"
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(3, cbs=[guard, snap, Wreck(1)])
+    assert len(snap.ends) == 2                                          # epoch 3 never ran
+    assert "all epoch 2 ended" in guard.stopped and "back at epoch 1's weights" in guard.stopped
+    now = learn.model.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in snap.ends[0].items())  # epoch 1's weights, exactly
+    assert not all(torch.equal(now[k], v) for k, v in snap.ends[1].items())
+    # the first epoch worse: nothing earlier in the fit to go back to, the network stays where it stopped
+    learn2 = Learner(dls, nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3)), loss_func=nn.CrossEntropyLoss(),
+                     metrics=accuracy, lr=1e-3)
+    keep2 = KeepBest(n_valid=len(dls.valid_ds))
+    loss2, acc2 = learn2.validate()
+    keep2.offer(learn2.model, Candidate("head", float(acc2), float(loss2)))
+    guard2 = StopWhenWorse(keep2, clock=lambda: 0.0)
+    with learn2.no_bar(), learn2.no_logging():
+        learn2.fit(3, cbs=[guard2, Wreck(0)])
+    assert "epoch 1 ended" in guard2.stopped and "back at" not in guard2.stopped
