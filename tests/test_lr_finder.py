@@ -246,6 +246,11 @@ def test_plot_ylim_is_the_loss_before_the_blow_up():
     assert lr_plot_ylim(losses, margin=0.5)[0] == 0.0          # never below 0
     flat = np.full(20, 2.0)
     assert lr_plot_ylim(flat) == pytest.approx((1.98, 2.02))   # no span: a tenth of the level, 10% of it each side
+    # a short sweep that starts on a lucky batch (the digits quickstart, seed 6): the lowest point first, then the
+    # loss rises before it falls late; the whole curve before its late minimum is in the plot, the blow-up is not
+    lucky = np.array([2.247, 2.283, 2.30, 2.31, 2.33, 2.32, 2.31, 2.30, 2.29, 2.28, 2.27, 2.265, 2.40, 5.0, 20.0])
+    lo, hi = lr_plot_ylim(lucky)
+    assert lo < 2.247 and hi > 2.33 and hi < 2.40
     assert lr_plot_ylim([np.nan] * 8) is None
 
 

@@ -270,14 +270,18 @@ def lr_find(learn, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 1
 
 def lr_plot_ylim(losses, margin: float = 0.1) -> tuple[float, float] | None:
     """y-limits of the LR plot: the smoothed loss before the blow-up (cut where `suggest_lrs` cuts it), from its lowest
-    value to its starting level (the highest of its first 5% of points, as noisy as the raw loss), widened by `margin`
-    of that span each side (not below 0). The blow-up runs off the top: scaled to it, the descent is a flat line.
-    None when no point comes before the blow-up."""
+    value to the highest it was before its minimum (the minimum taken after the first 5% of points, as
+    `suggest_lrs` takes it): the starting level (its first points are as noisy as the raw loss), or above it where
+    the loss rose before it fell, as a short sweep that starts on a lucky batch does; widened by `margin` of that
+    span each side (not below 0). The blow-up runs off the top: scaled to it, the descent is a flat line. None when
+    no point comes before the blow-up."""
     losses = np.asarray(losses, float)
     cut, _ = _blowup_cut(losses)
     if cut == 0:
         return None
-    lo, top = float(losses[:cut].min()), float(losses[: max(1, cut // 20) + 1].max())
+    skip = max(1, cut // 20)
+    i_min = skip + int(np.argmin(losses[skip:cut])) if cut > skip else cut - 1
+    lo, top = float(losses[:cut].min()), float(losses[: max(skip, i_min) + 1].max())
     span = (top - lo) if top > lo else (0.1 * top or 1.0)
     return max(0.0, lo - margin * span), top + margin * span
 
@@ -311,7 +315,7 @@ def _lr_find_figure(res: LRFindResult):
                 transform=offset_copy(ax.transData, fig=fig, y=dy, units="points"), label=f"{name} {lr:.2e} ({what})")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (log)")
-    ax.set_ylabel("smoothed loss (lowest to starting level)")
+    ax.set_ylabel("smoothed loss (the blow-up off the top)")
     ylim = lr_plot_ylim(res.losses)
     if ylim is not None:
         ax.set_ylim(*ylim)
