@@ -32,7 +32,7 @@ def test_list_wraps_to_a_wider_width():
 def test_epochs_and_sizes_in_words():
     assert epochs_text(load_recipe("imagenet_rn50_16")) == "16 epochs from scratch"
     assert epochs_text(load_recipe("linear_probe")) == "4 epochs, head only"
-    assert epochs_text(load_recipe("digits")) == "1 head + 1/stage + 2 epochs, strategy full"
+    assert epochs_text(load_recipe("digits")) == "1 head + 1/stage + 3 epochs, strategy full"
     assert sizes_text(load_recipe("imagenet_rn50_16")) == "160->192 px (valid 256)"
     assert sizes_text(load_recipe("digits")) == "64 px"
 
