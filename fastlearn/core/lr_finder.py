@@ -74,6 +74,13 @@ def _blowup_cut(losses: np.ndarray) -> tuple[int, bool]:
     return (int(blown[0]) if len(blown) else cut), cut < len(losses) or len(blown) > 0
 
 
+def _lowest(losses: np.ndarray, cut: int) -> tuple[int, int]:
+    """(skip, i_min): the first 5% of a sweep's points (at least one), whose smoothed values are nearly raw losses and
+    too noisy to be the minimum, and the index of the lowest loss after them and before `cut`."""
+    skip = max(1, cut // 20)
+    return skip, (skip + int(np.argmin(losses[skip:cut])) if cut > skip else cut - 1)
+
+
 def _suggest(lrs, losses, improve: float) -> tuple[float, float, float, bool, str]:
     "suggest_lrs's (peak, start, lr_at_min, diverged) and start_note's line."
     lrs, losses = np.asarray(lrs, float), np.asarray(losses, float)
@@ -83,8 +90,7 @@ def _suggest(lrs, losses, improve: float) -> tuple[float, float, float, bool, st
     if cut < 6:
         raise ValueError("the loss diverged within the first 5 steps of the sweep; lower start_lr")
     x, y = np.log10(lrs[:cut]), np.log(losses[:cut])
-    skip = max(1, cut // 20)  # the first smoothed values are nearly raw losses: too noisy to be the minimum
-    i_min = skip + int(np.argmin(y[skip:]))
+    skip, i_min = _lowest(losses, cut)
     lr_at_min = float(lrs[i_min])
     # nor the steepest point: slopes are fitted from the first tenth on (as fastai's suggesters drop it), so a short
     # sweep's first wiggle is not read as the descent
@@ -279,8 +285,7 @@ def lr_plot_ylim(losses, margin: float = 0.1) -> tuple[float, float] | None:
     cut, _ = _blowup_cut(losses)
     if cut == 0:
         return None
-    skip = max(1, cut // 20)
-    i_min = skip + int(np.argmin(losses[skip:cut])) if cut > skip else cut - 1
+    skip, i_min = _lowest(losses, cut)
     lo, top = float(losses[:cut].min()), float(losses[: max(skip, i_min) + 1].max())
     span = (top - lo) if top > lo else (0.1 * top or 1.0)
     return max(0.0, lo - margin * span), top + margin * span
